@@ -1,0 +1,64 @@
+"""asyncio_bridge: await native C work from asyncio without blocking the loop.
+
+Native ops run as state machines on one libevent thread; a finished op
+resolves its asyncio Future on the loop's own thread, with one wake-up per
+burst of completions.  See README.md for the tour and docs/c-api.md for
+writing ops in C.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from pathlib import Path
+
+from . import _ext
+from ._ext import Bridge, ForkError, Op, nop, sleep, stats, wait_readable, wait_writable
+
+__all__ = [
+    "Bridge",
+    "ForkError",
+    "Op",
+    "configure",
+    "get_include",
+    "nop",
+    "sleep",
+    "stats",
+    "wait_readable",
+    "wait_writable",
+]
+
+__version__ = "0.1.0"
+
+
+def configure(*, delivery: str | None = None, workers: int | None = None) -> dict[str, object]:
+    """Set how results reach asyncio loops and how many pool threads run.
+
+    delivery: "auto" (the faster path the loop supports), "add_reader" (an
+    eventfd watched by the loop) or "call_soon_threadsafe"; it applies to
+    loops that start using asyncio_bridge afterwards.  workers: the size of
+    the native worker pool (default: the CPU count).  Returns the settings
+    in force.
+    """
+    return _ext.configure(delivery=delivery, workers=workers)
+
+
+def get_include() -> str:
+    """The folder holding asyncio_bridge.h, for building extensions against it."""
+    return str(Path(__file__).parent / "include")
+
+
+def _configure_from_environment() -> None:
+    delivery = os.environ.get("ASYNCIO_BRIDGE_DELIVERY")
+    if delivery:
+        try:
+            _ext.configure(delivery=delivery)
+        except ValueError as exc:
+            raise ImportError(f"ASYNCIO_BRIDGE_DELIVERY: {exc}") from None
+
+
+_configure_from_environment()
+# Stop the engine before finalization: no native thread may call into
+# Python once the interpreter starts tearing down.
+atexit.register(_ext._shutdown)
+os.register_at_fork(after_in_child=_ext._after_fork_child)

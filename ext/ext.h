@@ -1,0 +1,134 @@
+/* ext.h: private to the extension: module state and the types. */
+#ifndef AB_EXT_H
+#define AB_EXT_H
+
+#define ASYNCIO_BRIDGE_INTERNAL
+#include "asyncio_bridge.h"
+
+#include <stdatomic.h>
+
+typedef struct BridgeObject BridgeObject;
+
+typedef enum { OP_UNWRAPPED, OP_INIT, OP_WAITING, OP_DONE } op_phase;
+
+/* The Python face of an ab_op.  While submitted and unfinished, the
+ * bridge holds a reference to it that the GC cannot see, as a loop holds
+ * its pending timers: an op in flight is never collected. */
+typedef struct OpObject {
+    PyObject_HEAD
+    ab_op *op;          /* our reference to the native op */
+    op_phase phase;
+    PyObject *future;   /* while waiting */
+    BridgeObject *bridge; /* while in flight (strong) */
+    PyObject *context;  /* contextvars context of the first send */
+    PyObject *task;     /* the Python awaitable run for ab_await_python */
+    PyObject *outcome;  /* its result or exception */
+    PyObject **kept;
+    Py_buffer **views;
+    int nkept, nviews;
+    struct OpObject *prev, *next; /* the bridge's list of ops in flight */
+    PyObject *weakreflist;
+} OpObject;
+
+typedef enum { DELIVERY_AUTO, DELIVERY_CST, DELIVERY_READER } delivery_kind;
+
+/* Per-loop bridge.  The native part (sink, eventfd) is separate so that
+ * the engine may still notify it after the Python object is gone. */
+typedef struct bridge_native {
+    ab_sink sink;
+    int efd;             /* add_reader delivery: the eventfd; else -1 */
+    atomic_int dead;     /* loop closed or gone: the courier drains */
+    atomic_int queued;   /* on the courier's list */
+    struct bridge_native *courier_next;
+    BridgeObject *obj;   /* borrowed; cleared when the object goes */
+} bridge_native;
+
+struct BridgeObject {
+    PyObject_HEAD
+    bridge_native *native;
+    PyObject *loop_ref;  /* weakref to the loop */
+    PyObject *wake;      /* cst: loop.call_soon_threadsafe */
+    PyObject *drain;     /* bound self.drain */
+    delivery_kind delivery;
+    unsigned generation; /* fork generation it was made in */
+    Py_ssize_t in_flight;
+    OpObject ops;        /* list head (only prev/next used) */
+    struct BridgeObject *all_prev, *all_next; /* every bridge */
+    PyObject *weakreflist;
+};
+
+typedef struct {
+    PyTypeObject *op_type;
+    PyTypeObject *bridge_type;
+    PyObject *fork_error;
+    PyObject *bridges;        /* {id(loop): Bridge} */
+    PyObject *get_running_loop;
+    PyObject *cancelled_error;
+    PyObject *str_create_future, *str_set_result, *str_set_exception, *str_done,
+        *str_cancel, *str_result, *str_blocking, *str_call_soon_threadsafe, *str_drain,
+        *str_is_closed, *str_create_task, *str_add_done_callback, *str_exception,
+        *str_cancelled;
+    PyObject *last_loop;      /* borrowed cache of the last lookup */
+    BridgeObject *last_bridge;
+    delivery_kind delivery;
+    int shut_down;
+} ab_state;
+
+extern PyModuleDef ab_module_def;
+/* The module state, for code without a module object at hand (the
+ * courier thread, the capsule functions).  Set at exec, one interpreter. */
+extern ab_state *ab_global_state;
+
+/* The current exception, normalized, with its traceback attached (new
+ * reference; the error indicator is cleared), and its inverse (steals). */
+static inline PyObject *
+ab_err_take(void)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL)
+        return NULL;
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
+static inline void
+ab_err_raise(PyObject *exc)
+{
+    PyObject *tb = PyException_GetTraceback(exc);
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, tb);
+}
+
+/* op.c */
+void ab_op_install_release_hook(void);
+extern PyType_Spec ab_op_spec;
+int ab_op_resolve(OpObject *self, ab_state *st);
+void ab_op_forget(OpObject *self);
+void ab_op_abort(OpObject *self, ab_state *st);
+PyObject *ab_op_run_python(OpObject *self, ab_state *st);
+PyObject *ab_python_done_cb(PyObject *module, PyObject *task);
+
+/* bridge.c */
+extern PyType_Spec ab_bridge_spec;
+BridgeObject *ab_bridge_for_running_loop(ab_state *st, PyObject **loop_out);
+void ab_bridge_track(BridgeObject *b, OpObject *op);
+void ab_bridge_untrack(BridgeObject *b, OpObject *op);
+int ab_courier_stop(void);
+void ab_bridges_after_fork(ab_state *st);
+void ab_bridges_shutdown(ab_state *st);
+PyObject *ab_bridge_of_loop(ab_state *st, PyObject *loop);
+
+/* errors.c */
+PyObject *abpy_exception_for(ab_state *st, int err, const char *message);
+
+/* ops.c */
+extern PyMethodDef ab_ops_methods[];
+
+/* capi.c */
+PyObject *ab_capi_capsule(void);
+
+#endif

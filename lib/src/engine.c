@@ -1,0 +1,590 @@
+/* engine.c: the libevent thread that resumes ops.
+ *
+ * Every cross-thread call reaches the engine through one lock-free inbox
+ * (a stack of ops with AB_EV_* bits pending on each) and one eventfd that
+ * is written only when the inbox turns non-empty, so a burst of submits,
+ * cancels and pool completions wakes the engine once.  Only the engine
+ * thread touches the event_base, so libevent needs no locks of its own. */
+#include <fcntl.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "ab-internal.h"
+
+/* Timers above this many seconds (68 years) wait until cancelled. */
+#define AB__TIMER_MAX 2147483647.0
+
+enum park_state { PARK_NONE, PARK_ASKED, PARK_PARKED };
+
+static struct engine {
+    pthread_mutex_t start_mu; /* start/stop against each other */
+    int running;
+    pthread_t thread;
+    struct event_base *base;
+    int wake_fd;
+    struct event wake_ev;
+    ab_op *inbox; /* lock-free stack */
+    atomic_int stop_asked;
+
+    /* fork: the engine parks outside libevent while another thread forks */
+    pthread_mutex_t park_mu;
+    pthread_cond_t park_cv;
+    enum park_state park;
+    atomic_int park_asked;
+} E = {
+    .start_mu = PTHREAD_MUTEX_INITIALIZER,
+    .wake_fd = -1,
+    .park_mu = PTHREAD_MUTEX_INITIALIZER,
+    .park_cv = PTHREAD_COND_INITIALIZER,
+};
+
+static struct {
+    atomic_uint_fast64_t submitted, completed, cancelled, in_flight;
+    atomic_uint_fast64_t engine_wakeups, sink_wakeups, largest_batch;
+} S;
+
+static atomic_uint generation;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+struct event_base *ab__engine_base(void) { return E.base; }
+unsigned ab_fork_generation(void) { return atomic_load(&generation); }
+
+int
+ab__on_engine_thread(void)
+{
+    return E.running && pthread_equal(pthread_self(), E.thread);
+}
+
+/* ---- stats --------------------------------------------------------------- */
+
+void
+ab_stats_get(ab_stats *out)
+{
+    out->submitted = atomic_load(&S.submitted);
+    out->completed = atomic_load(&S.completed);
+    out->cancelled = atomic_load(&S.cancelled);
+    out->in_flight = atomic_load(&S.in_flight);
+    out->engine_wakeups = atomic_load(&S.engine_wakeups);
+    out->sink_wakeups = atomic_load(&S.sink_wakeups);
+    out->largest_batch = atomic_load(&S.largest_batch);
+}
+
+void
+ab_stats_batch(uint64_t n)
+{
+    uint_fast64_t seen = atomic_load_explicit(&S.largest_batch, memory_order_relaxed);
+    while (n > seen && !atomic_compare_exchange_weak(&S.largest_batch, &seen, n))
+        ;
+}
+
+void
+ab__stats_freed(ab_op *op)
+{
+    (void)op;
+    atomic_fetch_sub_explicit(&S.in_flight, 1, memory_order_relaxed);
+}
+
+/* ---- finishing: outcome to the sink -------------------------------------- */
+
+static void
+sink_push(ab_sink *sink, ab_op *op, int msg)
+{
+    ab_op *old = __atomic_load_n(&sink->head, __ATOMIC_RELAXED);
+    op->sink_msg = msg;
+    do {
+        op->sink_next = old;
+    } while (!__atomic_compare_exchange_n(&sink->head, &old, op, 1,
+                                          __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+    if (old == NULL) {
+        atomic_fetch_add_explicit(&S.sink_wakeups, 1, memory_order_relaxed);
+        sink->notify(sink);
+    }
+}
+
+static void
+finish(ab_op *op)
+{
+    op->finished = 1;
+    op->wait = AB__WAIT_NONE;
+    if (op->error == -ECANCELED)
+        atomic_fetch_add_explicit(&S.cancelled, 1, memory_order_relaxed);
+    else
+        atomic_fetch_add_explicit(&S.completed, 1, memory_order_relaxed);
+    ab__op_finish_cleanup(op);
+    if (op->sink != NULL)
+        sink_push(op->sink, op, AB_MSG_FINISHED);
+    else
+        ab_op_release(op); /* engine-owned: nobody waits for it */
+}
+
+static void
+resume(ab_op *op, unsigned why)
+{
+    op->event = why;
+    op->wait = AB__WAIT_NONE;
+    if (op->type->step(op) == AB_DONE) {
+        finish(op);
+        return;
+    }
+    if (op->wait == AB__WAIT_NONE) { /* suspended on nothing: a bug in the step */
+        ab_fail_msg(op, AB_ESTATE, "%s: step suspended without awaiting", op->type->name);
+        finish(op);
+    }
+}
+
+static void
+on_cancel(ab_op *op)
+{
+    if (op->finished || op->cancelled)
+        return;
+    op->cancelled = 1;
+    switch (op->wait) {
+    case AB__WAIT_EVENT:
+        event_del(&op->ev);
+        /* fallthrough */
+    case AB__WAIT_CANCEL:
+    case AB__WAIT_NONE:
+        resume(op, AB_EV_CANCEL);
+        break;
+    case AB__WAIT_WORK:   /* the pool function still uses the state */
+    case AB__WAIT_PYTHON: /* the owner cancels the Python side and answers */
+        break;
+    }
+}
+
+static void
+dispatch(ab_op *op, unsigned ev)
+{
+    if (ev & AB_EV_START) {
+        op->started = 1;
+        if (ev & AB_EV_CANCEL) { /* cancelled before it ever ran */
+            op->cancelled = 1;
+            ab_fail(op, -ECANCELED);
+            finish(op);
+            return;
+        }
+        resume(op, AB_EV_START);
+    }
+    if ((ev & AB_EV_CANCEL) && op->started)
+        on_cancel(op);
+    if ((ev & AB_EV_WORK) && op->wait == AB__WAIT_WORK)
+        resume(op, AB_EV_WORK);
+    if ((ev & AB_EV_PYTHON) && op->wait == AB__WAIT_PYTHON)
+        resume(op, AB_EV_PYTHON);
+}
+
+/* ---- the inbox ------------------------------------------------------------ */
+
+static void
+wake_engine(void)
+{
+    uint64_t one = 1;
+    atomic_fetch_add_explicit(&S.engine_wakeups, 1, memory_order_relaxed);
+    while (write(E.wake_fd, &one, sizeof(one)) < 0 && errno == EINTR)
+        ;
+}
+
+void
+ab__engine_post(ab_op *op, unsigned bits)
+{
+    unsigned old = atomic_fetch_or(&op->pending, bits | AB__QUEUED);
+    if (old & AB__QUEUED)
+        return; /* already on the inbox: the engine will see the new bits */
+    /* The inbox holds a reference: a cancel may still be queued when the
+     * owner drops the op after its AB_MSG_FINISHED. */
+    atomic_fetch_add_explicit(&op->refs, 1, memory_order_relaxed);
+    ab_op *head = __atomic_load_n(&E.inbox, __ATOMIC_RELAXED);
+    do {
+        op->inbox_next = head;
+    } while (!__atomic_compare_exchange_n(&E.inbox, &head, op, 1, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_RELAXED));
+    if (head == NULL)
+        wake_engine();
+}
+
+static void
+park_here(void)
+{
+    pthread_mutex_lock(&E.park_mu);
+    E.park = PARK_PARKED;
+    pthread_cond_broadcast(&E.park_cv);
+    while (E.park == PARK_PARKED)
+        pthread_cond_wait(&E.park_cv, &E.park_mu);
+    pthread_mutex_unlock(&E.park_mu);
+}
+
+static void
+on_wake(evutil_socket_t fd, short what, void *arg)
+{
+    uint64_t n;
+    (void)what;
+    (void)arg;
+    /* Read the counter before taking the inbox: a post after the read
+     * writes again, so no wake-up is lost. */
+    while (read(fd, &n, sizeof(n)) < 0 && errno == EINTR)
+        ;
+    if (atomic_load(&E.park_asked))
+        park_here();
+    if (atomic_load(&E.stop_asked)) {
+        event_base_loopbreak(E.base);
+        return;
+    }
+    ab_op *lifo = __atomic_exchange_n(&E.inbox, NULL, __ATOMIC_ACQ_REL), *fifo = NULL;
+    while (lifo != NULL) {
+        ab_op *next = lifo->inbox_next;
+        lifo->inbox_next = fifo;
+        fifo = lifo;
+        lifo = next;
+    }
+    while (fifo != NULL) {
+        /* Read the link before clearing the bits: once they are clear a
+         * poster may push the op again and rewrite it. */
+        ab_op *op = fifo, *next = op->inbox_next;
+        unsigned ev = atomic_exchange(&op->pending, 0) & ~AB__QUEUED;
+        dispatch(op, ev);
+        /* The owner cleared its data before letting go (ab_op_release), so a
+         * last release here runs no Python. */
+        ab_op_release(op);
+        fifo = next;
+    }
+}
+
+/* ---- start, stop, fork ------------------------------------------------------ */
+
+static void
+silent_log(int severity, const char *msg)
+{
+    /* libevent reports failed epoll_ctl calls here; the op gets the errno. */
+    (void)severity;
+    (void)msg;
+}
+
+static void *
+engine_main(void *arg)
+{
+    (void)arg;
+    event_base_loop(E.base, EVLOOP_NO_EXIT_ON_EMPTY);
+    return NULL;
+}
+
+static void atfork_prepare(void);
+static void atfork_parent(void);
+static void atfork_child(void);
+
+static void
+register_atfork(void)
+{
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+static int
+start_locked(void)
+{
+    sigset_t all, old;
+    int rc;
+
+    event_set_log_callback(silent_log);
+    /* The wake fd outlives stops: a pool thread may still post to it. */
+    if (E.wake_fd < 0 && (E.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0)
+        return -errno;
+    E.base = event_base_new();
+    if (E.base == NULL)
+        return -ENOMEM;
+    event_assign(&E.wake_ev, E.base, E.wake_fd, EV_READ | EV_PERSIST, on_wake, NULL);
+    if (event_add(&E.wake_ev, NULL) < 0) {
+        rc = -EIO;
+        goto fail_base;
+    }
+    atomic_store(&E.stop_asked, 0);
+    /* Signals belong to the threads that asked for them, not to the engine. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    rc = -pthread_create(&E.thread, NULL, engine_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc < 0)
+        goto fail_base;
+    E.running = 1;
+    /* Posts that raced with a stop, or came before the start. */
+    if (__atomic_load_n(&E.inbox, __ATOMIC_ACQUIRE) != NULL)
+        wake_engine();
+    return 0;
+fail_base:
+    event_base_free(E.base);
+    E.base = NULL;
+    return rc;
+}
+
+int
+ab_engine_start(void)
+{
+    int rc = 0;
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&E.start_mu);
+    if (!E.running)
+        rc = start_locked();
+    pthread_mutex_unlock(&E.start_mu);
+    return rc;
+}
+
+void
+ab_engine_stop(void)
+{
+    pthread_mutex_lock(&E.start_mu);
+    if (E.running && !ab__on_engine_thread()) {
+        atomic_store(&E.stop_asked, 1);
+        wake_engine();
+        pthread_join(E.thread, NULL);
+        E.running = 0;
+        /* Ops still in flight keep their events in the base: leave it. */
+        if (atomic_load(&S.in_flight) == 0) {
+            event_del(&E.wake_ev);
+            event_base_free(E.base);
+        }
+        E.base = NULL;
+        __atomic_store_n(&E.inbox, NULL, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&E.start_mu);
+    ab__pool_stop();
+}
+
+static void
+atfork_prepare(void)
+{
+    pthread_mutex_lock(&E.start_mu);
+    if (E.running && !ab__on_engine_thread()) {
+        pthread_mutex_lock(&E.park_mu);
+        E.park = PARK_ASKED;
+        atomic_store(&E.park_asked, 1);
+        uint64_t one = 1;
+        while (write(E.wake_fd, &one, sizeof(one)) < 0 && errno == EINTR)
+            ;
+        while (E.park != PARK_PARKED)
+            pthread_cond_wait(&E.park_cv, &E.park_mu);
+        pthread_mutex_unlock(&E.park_mu);
+    }
+    ab__pool_atfork_prepare();
+}
+
+static void
+atfork_parent(void)
+{
+    ab__pool_atfork_parent();
+    if (E.running) {
+        pthread_mutex_lock(&E.park_mu);
+        atomic_store(&E.park_asked, 0);
+        E.park = PARK_NONE;
+        pthread_cond_broadcast(&E.park_cv);
+        pthread_mutex_unlock(&E.park_mu);
+    }
+    pthread_mutex_unlock(&E.start_mu);
+}
+
+/* The child has no engine thread, and the base's epoll instance is shared
+ * with the parent: touching it would remove the parent's registrations.
+ * Abandon the base and its ops; the next submit starts a fresh engine. */
+static void
+atfork_child(void)
+{
+    ab__pool_atfork_child();
+    atomic_fetch_add(&generation, 1);
+    pthread_mutex_init(&E.park_mu, NULL);
+    pthread_cond_init(&E.park_cv, NULL);
+    E.park = PARK_NONE;
+    atomic_store(&E.park_asked, 0);
+    E.running = 0;
+    E.base = NULL;
+    E.wake_fd = -1; /* the inherited copy stays open: a stale post may hit it */
+    __atomic_store_n(&E.inbox, NULL, __ATOMIC_RELEASE);
+    pthread_mutex_init(&E.start_mu, NULL);
+}
+
+/* ---- the owner's side ------------------------------------------------------- */
+
+int
+ab_submit(ab_op *op, ab_sink *sink)
+{
+    int rc = ab_engine_start();
+    if (rc < 0)
+        return rc;
+    if (op->submitted)
+        return AB_ESTATE;
+    op->submitted = 1;
+    op->sink = sink;
+    op->generation = ab_fork_generation();
+    atomic_fetch_add_explicit(&op->refs, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&S.submitted, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&S.in_flight, 1, memory_order_relaxed);
+    ab__engine_post(op, AB_EV_START);
+    return 0;
+}
+
+void
+ab_cancel(ab_op *op)
+{
+    if (!op->submitted || op->generation != ab_fork_generation())
+        return;
+    if (atomic_exchange(&op->cancel_asked, AB__CANCEL_ASKED))
+        return;
+    ab__engine_post(op, AB_EV_CANCEL);
+}
+
+void
+ab_python_done(ab_op *op, int failed)
+{
+    op->python_failed = failed;
+    ab__engine_post(op, AB_EV_PYTHON);
+}
+
+static void
+retire_step_free(ab_op *op)
+{
+    struct retire {
+        ab_sink *sink;
+        void (*free_fn)(ab_sink *);
+    } *r = ab_op_state(op);
+    r->free_fn(r->sink);
+}
+
+static int
+retire_step(ab_op *op)
+{
+    retire_step_free(op);
+    return ab_return_none(op);
+}
+
+static const ab_op_type retire_type = {
+    .name = "sink_retire",
+    .state_size = sizeof(void *) * 2,
+    .step = retire_step,
+};
+
+void
+ab_sink_retire(ab_sink *sink, void (*free_fn)(ab_sink *))
+{
+    ab_op *op = E.running ? ab_op_new(&retire_type) : NULL;
+    if (op == NULL) {
+        free_fn(sink);
+        return;
+    }
+    void **r = ab_op_state(op);
+    r[0] = sink;
+    r[1] = (void *)free_fn;
+    /* Engine-owned: no sink; the engine frees it when done. */
+    op->sink = NULL;
+    op->submitted = 0;
+    op->generation = ab_fork_generation();
+    ab__engine_post(op, AB_EV_START);
+}
+
+/* ---- awaits, on the engine thread -------------------------------------------- */
+
+static void
+on_event(evutil_socket_t fd, short what, void *arg)
+{
+    ab_op *op = arg;
+    unsigned why = 0;
+    (void)fd;
+    if (what & EV_TIMEOUT)
+        why |= AB_EV_TIMER;
+    if (what & EV_READ)
+        why |= AB_EV_READ;
+    if (what & EV_WRITE)
+        why |= AB_EV_WRITE;
+    resume(op, why);
+}
+
+static struct timeval
+to_timeval(double seconds)
+{
+    struct timeval tv;
+    if (seconds < 0 || isnan(seconds))
+        seconds = 0;
+    tv.tv_sec = (time_t)seconds;
+    tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
+    if (tv.tv_usec >= 1000000)
+        tv.tv_usec = 999999;
+    return tv;
+}
+
+static int
+arm(ab_op *op, int fd, short what, double timeout)
+{
+    int use_timeout = timeout >= 0 && timeout <= AB__TIMER_MAX;
+    struct timeval tv = to_timeval(timeout);
+    if (!use_timeout && fd < 0)
+        return ab_await_cancel(op);
+    /* The cached time is from the start of this loop turn: refresh it so a
+     * timer never fires early. */
+    event_base_update_cache_time(E.base);
+    event_assign(&op->ev, E.base, fd, what, on_event, op);
+    errno = 0;
+    if (event_add(&op->ev, use_timeout ? &tv : NULL) < 0)
+        return errno > 0 ? -errno : -EIO;
+    op->wait = AB__WAIT_EVENT;
+    return 0;
+}
+
+int
+ab_await_timer(ab_op *op, double seconds)
+{
+    if (isnan(seconds))
+        return -EINVAL;
+    if (seconds < 0)
+        seconds = 0;
+    return arm(op, -1, 0, seconds);
+}
+
+int
+ab_await_fd(ab_op *op, int fd, unsigned events, double timeout)
+{
+    short what = 0;
+    if (fd < 0)
+        return -EBADF;
+    if (isnan(timeout))
+        return -EINVAL;
+    if (events & AB_EV_READ)
+        what |= EV_READ;
+    if (events & AB_EV_WRITE)
+        what |= EV_WRITE;
+    if (what == 0)
+        return -EINVAL;
+    if (fcntl(fd, F_GETFD) < 0)
+        return -errno;
+    if (isinf(timeout))
+        timeout = -1;
+    return arm(op, fd, what, timeout);
+}
+
+int
+ab_await_cancel(ab_op *op)
+{
+    op->wait = AB__WAIT_CANCEL;
+    return 0;
+}
+
+int
+ab_await_work(ab_op *op, ab_work_fn fn)
+{
+    op->work = fn;
+    int rc = ab__pool_submit(op);
+    if (rc == 0)
+        op->wait = AB__WAIT_WORK;
+    return rc;
+}
+
+int
+ab_await_python(ab_op *op, int slot)
+{
+    if (op->sink == NULL)
+        return AB_ESTATE;
+    op->python_slot = slot;
+    op->python_failed = 0;
+    op->wait = AB__WAIT_PYTHON;
+    sink_push(op->sink, op, AB_MSG_PYTHON);
+    return 0;
+}
