@@ -268,7 +268,7 @@ ab_op_forget(OpObject *self)
         return;
     self->bridge = NULL;
     ab_bridge_untrack(b, self);
-    ab_op_release(self->op); /* the engine's reference */
+    ab_op_collect(self->op);
     Py_DECREF(b);
     Py_DECREF(self); /* the bridge's reference, taken at submit */
 }

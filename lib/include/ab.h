@@ -105,7 +105,9 @@ typedef struct ab_op_type {
  * when out of memory.  Any thread. */
 ab_op *ab_op_new(const ab_op_type *type);
 /* Drop a reference; the op is freed (after cleanup if it has not run) when
- * the last one goes.  Owner thread. */
+ * the last one goes, after the release hook (ab_set_release_hook).  The
+ * engine drops its own references too, so the owner clears the data the
+ * hook looks at before dropping its last reference. */
 void ab_op_release(ab_op *op);
 
 const ab_op_type *ab_op_type_of(const ab_op *op);
@@ -248,9 +250,14 @@ int ab_pool_configure(int workers);
 int ab_pool_size(void);
 
 /* Start `op` on the engine; its outcome goes to `sink`.  Takes a second
- * reference, released through the sink (AB_MSG_FINISHED).  Owner thread.
- * Returns 0 or a negative error (then nothing was taken). */
+ * reference, the engine's, which the owner drops with ab_op_collect once
+ * the op's AB_MSG_FINISHED arrived.  Owner thread.  Returns 0 or a
+ * negative error (then nothing was taken). */
 int ab_submit(ab_op *op, ab_sink *sink);
+/* Owner thread, after AB_MSG_FINISHED, or when it can never come (the
+ * engine went away in a fork): drop the engine's reference.  From then on
+ * the op no longer counts as in flight. */
+void ab_op_collect(ab_op *op);
 /* Ask the engine to cancel `op`; harmless if finished.  Owner thread. */
 void ab_cancel(ab_op *op);
 /* Owner thread, for an AB_MSG_PYTHON op: the awaitable finished; failed is

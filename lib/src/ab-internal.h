@@ -75,7 +75,6 @@ struct event_base *ab__engine_base(void);
 /* Post AB_EV_* bits to an op; wakes the engine once per burst.  Any thread. */
 void ab__engine_post(ab_op *op, unsigned bits);
 int ab__on_engine_thread(void);
-void ab__stats_freed(ab_op *op);
 /* op.c */
 void ab__op_finish_cleanup(ab_op *op);
 /* pool.c: queue fn for op; 0 or a negative error.  Engine thread. */

@@ -83,10 +83,10 @@ ab_stats_batch(uint64_t n)
 }
 
 void
-ab__stats_freed(ab_op *op)
+ab_op_collect(ab_op *op)
 {
-    (void)op;
     atomic_fetch_sub_explicit(&S.in_flight, 1, memory_order_relaxed);
+    ab_op_release(op);
 }
 
 /* ---- finishing: outcome to the sink -------------------------------------- */

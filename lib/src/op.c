@@ -68,8 +68,6 @@ ab_op_release(ab_op *op)
     ab__op_finish_cleanup(op);
     if (release_hook != NULL)
         release_hook(op);
-    if (op->submitted)
-        ab__stats_freed(op);
     free_result(op);
     free(op->error_message);
     free(op);
