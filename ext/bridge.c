@@ -274,11 +274,13 @@ wake_bridge(BridgeObject *b)
         return;
     }
     /* call_soon_threadsafe refuses only a closed loop; closing is final. */
-    if (PyErr_ExceptionMatches(PyExc_RuntimeError) && loop_is_closed(b)) {
-        PyErr_Clear();
+    PyObject *exc = ab_err_take();
+    if (PyErr_GivenExceptionMatches(exc, PyExc_RuntimeError) && loop_is_closed(b)) {
+        Py_DECREF(exc);
         kill_bridge(b);
         return;
     }
+    ab_err_raise(exc);
     PyErr_WriteUnraisable(b->wake);
 }
 

@@ -518,7 +518,8 @@ static PyObject *
 op_send(OpObject *self, PyObject *arg)
 {
     PyObject *value;
-    return result_of_send(op_am_send(self, arg, &value), value);
+    PySendResult r = op_am_send(self, arg, &value);
+    return result_of_send(r, value);
 }
 
 static PyObject *
