@@ -80,7 +80,8 @@ extern PyModuleDef ab_module_def;
 extern ab_state *ab_global_state;
 
 /* The current exception, normalized, with its traceback attached (new
- * reference; the error indicator is cleared), and its inverse (steals). */
+ * reference, or NULL if none; the error indicator is cleared), and its
+ * inverse (steals; NULL sets nothing). */
 static inline PyObject *
 ab_err_take(void)
 {
@@ -99,6 +100,8 @@ ab_err_take(void)
 static inline void
 ab_err_raise(PyObject *exc)
 {
+    if (exc == NULL)
+        return;
     PyObject *tb = PyException_GetTraceback(exc);
     PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, tb);
 }
