@@ -9,7 +9,7 @@ bash tools/setup.sh
 
 echo "== C tests of lib/ (meson test)"
 rm -rf build-ctest
-meson setup build-ctest -Dpython=false -Dc_tests=true -Dbuildtype=debug >/dev/null
+meson setup build-ctest -Dpython=false -Dlib_tests=true -Dbuildtype=debug >/dev/null
 meson test -C build-ctest --print-errorlogs
 
 echo "== Python tests"
