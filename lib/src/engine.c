@@ -111,7 +111,9 @@ finish(ab_op *op)
 {
     op->finished = 1;
     op->wait = AB__WAIT_NONE;
-    if (op->error == -ECANCELED)
+    if (!op->submitted)
+        ; /* the engine's own (ab_sink_retire): not counted */
+    else if (op->error == -ECANCELED)
         atomic_fetch_add_explicit(&S.cancelled, 1, memory_order_relaxed);
     else
         atomic_fetch_add_explicit(&S.completed, 1, memory_order_relaxed);
