@@ -83,9 +83,9 @@ native_free(ab_sink *sink)
 /* ---- the bridge's list of ops in flight -------------------------------------- */
 
 void
-ab_bridge_track(BridgeObject *b, OpObject *op)
+ab_bridge_track(BridgeObject *b, OpPy *op)
 {
-    OpObject *head = &b->ops;
+    OpPy *head = &b->ops;
     op->next = head->next;
     op->prev = head;
     head->next->prev = op;
@@ -95,7 +95,7 @@ ab_bridge_track(BridgeObject *b, OpObject *op)
 }
 
 void
-ab_bridge_untrack(BridgeObject *b, OpObject *op)
+ab_bridge_untrack(BridgeObject *b, OpPy *op)
 {
     op->prev->next = op->next;
     op->next->prev = op->prev;
@@ -106,10 +106,13 @@ ab_bridge_untrack(BridgeObject *b, OpObject *op)
 
 /* ---- registry ------------------------------------------------------------------ */
 
+/* The module state; NULL during finalization, when the GC may clear the
+ * type (and its module reference) before the bridges. */
 static ab_state *
 bstate(BridgeObject *b)
 {
-    return PyType_GetModuleState(Py_TYPE(b));
+    (void)b;
+    return ab_global_state;
 }
 
 static PyObject *
@@ -124,7 +127,7 @@ static void
 unregister(BridgeObject *b)
 {
     ab_state *st = bstate(b);
-    if (st->last_bridge == b) {
+    if (st != NULL && st->last_bridge == b) {
         st->last_bridge = NULL;
         st->last_loop = NULL;
     }
@@ -174,11 +177,11 @@ drain_dead(BridgeObject *b)
     while (op != NULL) {
         int msg;
         ab_op *next = ab_sink_next(op, &msg);
-        OpObject *o = ab_op_owner_data(op);
+        OpPy *py = ab_op_owner_data(op);
         if (msg == AB_MSG_FINISHED)
-            ab_op_forget(o);
+            ab_op_forget(py);
         else
-            ab_op_run_python(o, bstate(b)); /* answers "cancelled" */
+            ab_op_run_python(py, bstate(b)); /* answers "cancelled" */
         op = next;
     }
 }
@@ -195,8 +198,8 @@ kill_bridge(BridgeObject *b)
         st->last_bridge = NULL;
         st->last_loop = NULL;
     }
-    for (OpObject *o = b->ops.next; o != &b->ops; o = o->next)
-        ab_op_abort(o, st);
+    for (OpPy *py = b->ops.next; py != &b->ops; py = py->next)
+        ab_op_abort(py, st);
     drain_dead(b);
 }
 
@@ -603,13 +606,12 @@ bridge_drain(BridgeObject *b, PyObject *unused)
     while (op != NULL) {
         int msg;
         ab_op *next = ab_sink_next(op, &msg);
-        OpObject *o = ab_op_owner_data(op);
+        OpPy *py = ab_op_owner_data(op);
         if (msg == AB_MSG_FINISHED) {
-            if (ab_op_resolve(o, st) < 0)
+            if (ab_op_resolve(py, st) < 0)
                 PyErr_WriteUnraisable((PyObject *)b);
         } else {
-            PyObject *r = ab_op_run_python(o, st);
-            Py_XDECREF(r);
+            ab_op_run_python(py, st);
         }
         count++;
         op = next;
@@ -633,23 +635,20 @@ ab_bridges_after_fork(ab_state *st)
         BridgeObject *next = b->all_next;
         Py_INCREF(b);
         while (b->ops.next != &b->ops) {
-            OpObject *o = b->ops.next;
-            Py_INCREF(o);
-            o->phase = OP_WAITING; /* resumable: the Future holds the error */
-            if (o->future != NULL) {
+            OpPy *py = b->ops.next;
+            if (py->future != NULL) {
                 PyObject *exc = abpy_exception_for(st, AB_EFORKED,
                                                    "asyncio_bridge: this operation was in "
                                                    "flight when the process forked; it "
                                                    "cannot complete in the child");
-                PyObject *r = exc ? PyObject_CallMethodOneArg(o->future, st->str_set_exception,
+                PyObject *r = exc ? PyObject_CallMethodOneArg(py->future, st->str_set_exception,
                                                               exc)
                                   : NULL;
                 Py_XDECREF(exc);
                 Py_XDECREF(r);
                 PyErr_Clear(); /* a Future of a loop this child cannot run */
             }
-            ab_op_forget(o);
-            Py_DECREF(o);
+            ab_op_forget(py); /* the Op, if alive, resumes into the ForkError */
         }
         PyDict_Clear(st->bridges);
         unregister(b);

@@ -9,26 +9,39 @@
 
 typedef struct BridgeObject BridgeObject;
 
-typedef enum { OP_UNWRAPPED, OP_INIT, OP_WAITING, OP_DONE } op_phase;
+typedef enum { OP_INIT, OP_WAITING, OP_DONE } op_phase;
 
-/* The Python face of an ab_op.  While submitted and unfinished, the
- * bridge holds a reference to it that the GC cannot see, as a loop holds
- * its pending timers: an op in flight is never collected. */
-typedef struct OpObject {
-    PyObject_HEAD
-    ab_op *op;          /* our reference to the native op */
-    op_phase phase;
-    PyObject *future;   /* while waiting */
-    BridgeObject *bridge; /* while in flight (strong) */
-    PyObject *context;  /* contextvars context of the first send */
-    PyObject *task;     /* the Python awaitable run for ab_await_python */
-    PyObject *outcome;  /* its result or exception */
+typedef struct OpObject OpObject;
+
+/* What an ab_op keeps on the Python side (its owner data): the objects and
+ * buffers it was given, its Future, the Python awaitable it runs.  Owned by
+ * the native op and freed with it (release hook, GIL held), so that a pool
+ * function never sees a buffer released while it runs, whatever becomes of
+ * the Op object.  While the op is in flight these references are roots,
+ * as a loop's pending timers are: an awaiting task is never collected
+ * under a running op.  Otherwise the Op object shows them to the GC. */
+typedef struct OpPy {
+    ab_op *op;
+    OpObject *obj;          /* borrowed; NULL once the Op object is gone */
+    BridgeObject *bridge;   /* while in flight (strong) */
+    PyObject *future;
+    PyObject *context;      /* contextvars context of the first send */
+    PyObject *task;         /* the Python awaitable run for ab_await_python */
+    PyObject *outcome;      /* its result or exception */
     PyObject **kept;
     Py_buffer **views;
     int nkept, nviews;
-    struct OpObject *prev, *next; /* the bridge's list of ops in flight */
+    struct OpPy *prev, *next; /* the bridge's list of ops in flight */
+} OpPy;
+
+/* The Python face of an ab_op: a coroutine-like object. */
+struct OpObject {
+    PyObject_HEAD
+    ab_op *op;              /* our reference to the native op */
+    OpPy *py;
+    op_phase phase;
     PyObject *weakreflist;
-} OpObject;
+};
 
 typedef enum { DELIVERY_AUTO, DELIVERY_CST, DELIVERY_READER } delivery_kind;
 
@@ -52,7 +65,7 @@ struct BridgeObject {
     delivery_kind delivery;
     unsigned generation; /* fork generation it was made in */
     Py_ssize_t in_flight;
-    OpObject ops;        /* list head (only prev/next used) */
+    OpPy ops;            /* list head (only prev/next used) */
     struct BridgeObject *all_prev, *all_next; /* every bridge */
     PyObject *weakreflist;
 };
@@ -109,17 +122,16 @@ ab_err_raise(PyObject *exc)
 /* op.c */
 void ab_op_install_release_hook(void);
 extern PyType_Spec ab_op_spec;
-int ab_op_resolve(OpObject *self, ab_state *st);
-void ab_op_forget(OpObject *self);
-void ab_op_abort(OpObject *self, ab_state *st);
-PyObject *ab_op_run_python(OpObject *self, ab_state *st);
-PyObject *ab_python_done_cb(PyObject *module, PyObject *task);
+int ab_op_resolve(OpPy *py, ab_state *st);
+void ab_op_forget(OpPy *py);
+void ab_op_abort(OpPy *py, ab_state *st);
+void ab_op_run_python(OpPy *py, ab_state *st);
 
 /* bridge.c */
 extern PyType_Spec ab_bridge_spec;
 BridgeObject *ab_bridge_for_running_loop(ab_state *st, PyObject **loop_out);
-void ab_bridge_track(BridgeObject *b, OpObject *op);
-void ab_bridge_untrack(BridgeObject *b, OpObject *op);
+void ab_bridge_track(BridgeObject *b, OpPy *py);
+void ab_bridge_untrack(BridgeObject *b, OpPy *py);
 int ab_courier_stop(void);
 void ab_bridges_after_fork(ab_state *st);
 void ab_bridges_shutdown(ab_state *st);

@@ -202,6 +202,8 @@ static int
 module_clear(PyObject *module)
 {
     ab_state *st = mstate(module);
+    if (ab_global_state == st)
+        ab_global_state = NULL;
     Py_CLEAR(st->op_type);
     Py_CLEAR(st->bridge_type);
     Py_CLEAR(st->fork_error);
@@ -239,6 +241,7 @@ PyModuleDef ab_module_def = {
     .m_slots = module_slots,
     .m_traverse = module_traverse,
     .m_clear = module_clear,
+    .m_free = (freefunc)module_clear,
 };
 
 PyMODINIT_FUNC

@@ -8,78 +8,59 @@
 
 #include <structmember.h>
 
-static ab_state *
-state_of(OpObject *self)
-{
-    return PyType_GetModuleState(Py_TYPE(self));
-}
-
 /* ---- the Python side of an ab_op: kept objects and pinned buffers ------- */
 
-/* Borrowed: the Op for `op`, made on first use.  Until abpy_wrap hands it
- * out, the native op owns it (phase OP_UNWRAPPED); NULL with an exception. */
-static OpObject *
-op_object_for(ab_op *op)
+/* Borrowed: the op's Python side, made on first use; NULL with an
+ * exception. */
+static OpPy *
+py_of(ab_op *op)
 {
-    OpObject *self = ab_op_owner_data(op);
-    if (self != NULL)
-        return self;
-    if (ab_global_state == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "asyncio_bridge is not initialised");
-        return NULL;
-    }
-    self = PyObject_GC_New(OpObject, ab_global_state->op_type);
-    if (self == NULL)
-        return NULL;
-    self->op = op;
-    self->phase = OP_UNWRAPPED;
-    self->future = self->context = self->task = self->outcome = NULL;
-    self->bridge = NULL;
-    self->kept = NULL;
-    self->views = NULL;
-    self->nkept = self->nviews = 0;
-    self->prev = self->next = NULL;
-    self->weakreflist = NULL;
-    ab_op_set_owner_data(op, self);
-    PyObject_GC_Track(self);
-    return self;
+    OpPy *py = ab_op_owner_data(op);
+    if (py != NULL)
+        return py;
+    py = PyMem_Calloc(1, sizeof(*py));
+    if (py == NULL)
+        return (OpPy *)PyErr_NoMemory();
+    py->op = op;
+    ab_op_set_owner_data(op, py);
+    return py;
 }
 
 int
 abpy_keep(ab_op *op, PyObject *obj)
 {
-    OpObject *self = op_object_for(op);
-    if (self == NULL)
+    OpPy *py = py_of(op);
+    if (py == NULL)
         return -1;
-    PyObject **kept = PyMem_Realloc(self->kept, sizeof(*kept) * (self->nkept + 1));
+    PyObject **kept = PyMem_Realloc(py->kept, sizeof(*kept) * (py->nkept + 1));
     if (kept == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    self->kept = kept;
-    kept[self->nkept] = Py_NewRef(obj);
-    return self->nkept++;
+    py->kept = kept;
+    kept[py->nkept] = Py_NewRef(obj);
+    return py->nkept++;
 }
 
 PyObject *
 abpy_kept(ab_op *op, int slot)
 {
-    OpObject *self = ab_op_owner_data(op);
-    if (self == NULL || slot < 0 || slot >= self->nkept)
+    OpPy *py = ab_op_owner_data(op);
+    if (py == NULL || slot < 0 || slot >= py->nkept)
         return NULL;
-    return self->kept[slot];
+    return py->kept[slot];
 }
 
 Py_buffer *
 abpy_keep_buffer(ab_op *op, PyObject *obj, int flags)
 {
-    OpObject *self = op_object_for(op);
-    if (self == NULL)
+    OpPy *py = py_of(op);
+    if (py == NULL)
         return NULL;
-    Py_buffer **views = PyMem_Realloc(self->views, sizeof(*views) * (self->nviews + 1));
+    Py_buffer **views = PyMem_Realloc(py->views, sizeof(*views) * (py->nviews + 1));
     if (views == NULL)
         return (Py_buffer *)PyErr_NoMemory();
-    self->views = views;
+    py->views = views;
     Py_buffer *view = PyMem_Malloc(sizeof(*view));
     if (view == NULL)
         return (Py_buffer *)PyErr_NoMemory();
@@ -87,59 +68,103 @@ abpy_keep_buffer(ab_op *op, PyObject *obj, int flags)
         PyMem_Free(view);
         return NULL;
     }
-    views[self->nviews++] = view;
+    views[py->nviews++] = view;
     return view;
 }
 
 PyObject *
 abpy_python_outcome(ab_op *op)
 {
-    OpObject *self = ab_op_owner_data(op);
-    return self == NULL ? NULL : self->outcome;
+    OpPy *py = ab_op_owner_data(op);
+    return py == NULL ? NULL : py->outcome;
 }
 
 PyObject *
 abpy_wrap(ab_op *op)
 {
-    OpObject *self = op_object_for(op);
-    if (self == NULL) {
+    OpPy *py = py_of(op);
+    if (py == NULL || ab_global_state == NULL) {
+        if (py != NULL)
+            PyErr_SetString(PyExc_RuntimeError, "asyncio_bridge is not initialised");
         ab_op_release(op);
         return NULL;
     }
-    if (self->phase != OP_UNWRAPPED) {
+    if (py->obj != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "abpy_wrap: op is already wrapped");
         ab_op_release(op);
         return NULL;
     }
-    /* The caller's reference to op becomes the Op's; the native op's
-     * reference to the Op becomes the caller's. */
+    OpObject *self = PyObject_GC_New(OpObject, ab_global_state->op_type);
+    if (self == NULL) {
+        ab_op_release(op);
+        return NULL;
+    }
+    self->op = op; /* the caller's reference */
+    self->py = py;
     self->phase = OP_INIT;
+    self->weakreflist = NULL;
+    py->obj = self;
+    PyObject_GC_Track(self);
     return (PyObject *)self;
 }
 
-/* Release hook: the native op is being freed.  Only an op never wrapped
- * still owns its Op object here. */
+/* Drop what the Python side holds; GIL.  Only when no native code uses
+ * the op any more (never submitted, or collected). */
+static void
+py_clear(OpPy *py)
+{
+    Py_CLEAR(py->future);
+    Py_CLEAR(py->context);
+    Py_CLEAR(py->task);
+    Py_CLEAR(py->outcome);
+    for (int i = 0; i < py->nkept; i++)
+        Py_CLEAR(py->kept[i]);
+    for (int i = 0; i < py->nviews; i++) {
+        PyBuffer_Release(py->views[i]);
+        PyMem_Free(py->views[i]);
+    }
+    py->nviews = 0;
+    PyMem_Free(py->views);
+    py->views = NULL;
+}
+
+static void
+py_free(OpPy *py)
+{
+    ab_op_set_owner_data(py->op, NULL);
+    py_clear(py);
+    PyMem_Free(py->kept);
+    PyMem_Free(py);
+}
+
+/* The owner side lets go of the Python side once neither the Op object
+ * nor the engine (in flight) needs it, whatever references the engine's
+ * inbox still holds: the engine may drop the native op's last reference,
+ * and must find no Python there. */
+static void
+py_maybe_free(OpPy *py)
+{
+    if (py->obj == NULL && py->bridge == NULL)
+        py_free(py);
+}
+
+/* Release hook: for an op never wrapped, whose creator released it (GIL
+ * held, never submitted); wrapped ops have no owner data left here. */
 static void
 release_hook(ab_op *op)
 {
-    OpObject *self = ab_op_owner_data(op);
-    if (self == NULL)
-        return;
-    ab_op_set_owner_data(op, NULL);
-    if (self->phase == OP_UNWRAPPED) {
-        self->op = NULL;
-        self->phase = OP_DONE;
-        Py_DECREF(self);
-    }
+    OpPy *py = ab_op_owner_data(op);
+    if (py != NULL)
+        py_free(py);
 }
 
 /* ---- results --------------------------------------------------------------- */
 
 /* New reference: the result of a successfully finished op. */
 static PyObject *
-result_object(OpObject *self)
+result_object(OpPy *py)
 {
-    ab_op *op = self->op;
+    ab_op *op = py->op;
     size_t len;
     const char *data;
     switch (ab_op_result_kind(op)) {
@@ -164,9 +189,9 @@ result_object(OpObject *self)
         return Py_XNewRef(obj);
     }
     case AB_RESULT_PYTHON:
-        if (self->outcome == NULL)
+        if (py->outcome == NULL)
             Py_RETURN_NONE;
-        return Py_NewRef(self->outcome);
+        return Py_NewRef(py->outcome);
     case AB_RESULT_CUSTOM:
         if (ab_op_type_of(op)->to_python == NULL) {
             PyErr_Format(PyExc_RuntimeError, "%s: custom result without to_python",
@@ -181,20 +206,18 @@ result_object(OpObject *self)
 
 /* New reference: the exception for a failed op. */
 static PyObject *
-error_object(OpObject *self, ab_state *st)
+error_object(OpPy *py, ab_state *st)
 {
-    ab_op *op = self->op;
+    ab_op *op = py->op;
     int err = ab_op_error(op);
     const ab_op_type *type = ab_op_type_of(op);
-    if (err == AB_EPYTHON && self->outcome != NULL && PyExceptionInstance_Check(self->outcome))
-        return Py_NewRef(self->outcome);
+    if (err == AB_EPYTHON && py->outcome != NULL && PyExceptionInstance_Check(py->outcome))
+        return Py_NewRef(py->outcome);
     if (err <= AB_EUSER && type->raise_error != NULL) {
-        PyObject *exc;
         type->raise_error(op, err);
         if (!PyErr_Occurred())
             PyErr_Format(PyExc_RuntimeError, "%s: raise_error set no exception", type->name);
-        exc = ab_err_take();
-        return exc;
+        return ab_err_take();
     }
     return abpy_exception_for(st, err, ab_op_error_message(op));
 }
@@ -223,23 +246,23 @@ future_done(ab_state *st, PyObject *fut)
 }
 
 static int
-settle_future(OpObject *self, ab_state *st)
+settle_future(OpPy *py, ab_state *st)
 {
-    PyObject *fut = self->future;
+    PyObject *fut = py->future;
     int done = future_done(st, fut);
     if (done != 0)
         return done < 0 ? -1 : 0; /* cancelled meanwhile: never set_result */
-    int err = ab_op_error(self->op);
-    if (err == -ECANCELED)
+    int err = ab_op_error(py->op);
+    if (err == -ECANCELED || py->obj == NULL) /* nobody can await it any more */
         return call_method_void(fut, st->str_cancel, NULL);
-    PyObject *value = err == 0 ? result_object(self) : NULL;
+    PyObject *value = err == 0 ? result_object(py) : NULL;
     int rc;
     if (value != NULL) {
         rc = call_method_void(fut, st->str_set_result, value);
         Py_DECREF(value);
         return rc;
     }
-    PyObject *exc = err == 0 ? ab_err_take() : error_object(self, st);
+    PyObject *exc = err == 0 ? ab_err_take() : error_object(py, st);
     if (exc == NULL)
         return -1;
     rc = call_method_void(fut, st->str_set_exception, exc);
@@ -248,49 +271,51 @@ settle_future(OpObject *self, ab_state *st)
 }
 
 /* drain(), for an op whose AB_MSG_FINISHED arrived: resolve its Future
- * unless cancelled, drop the engine's reference and the bridge's.  Returns
- * -1 with an exception if the Future refused (the op is released anyway). */
+ * unless cancelled, then collect it.  Returns -1 with an exception if the
+ * Future refused (the op is collected anyway).  py may be freed. */
 int
-ab_op_resolve(OpObject *self, ab_state *st)
+ab_op_resolve(OpPy *py, ab_state *st)
 {
-    int rc = self->future != NULL ? settle_future(self, st) : 0;
-    ab_op_forget(self);
+    int rc = py->future != NULL ? settle_future(py, st) : 0;
+    ab_op_forget(py);
     return rc;
 }
 
 /* The op is finished, or its engine is gone: untrack it and drop the
- * engine's reference and the bridge's. */
+ * engine's reference.  py may be freed. */
 void
-ab_op_forget(OpObject *self)
+ab_op_forget(OpPy *py)
 {
-    BridgeObject *b = self->bridge;
+    BridgeObject *b = py->bridge;
     if (b == NULL)
         return;
-    self->bridge = NULL;
-    ab_bridge_untrack(b, self);
-    ab_op_collect(self->op);
+    ab_bridge_untrack(b, py);
+    py->bridge = NULL;
+    ab_op *op = py->op;
+    py_maybe_free(py);
+    ab_op_collect(op);
     Py_DECREF(b);
-    Py_DECREF(self); /* the bridge's reference, taken at submit */
 }
 
 /* ---- awaiting a Python awaitable for the state machine ------------------- */
 
 static void
-python_finished(OpObject *self, PyObject *outcome, int failed)
+python_finished(OpPy *py, PyObject *outcome, int failed)
 {
-    Py_XSETREF(self->outcome, outcome);
-    ab_python_done(self->op, failed);
+    Py_XSETREF(py->outcome, outcome);
+    ab_python_done(py->op, failed);
 }
 
-PyObject *
-ab_python_done_cb(PyObject *module, PyObject *task)
+/* Done callback of the inner task; self is the Op object, which the
+ * callback keeps alive until then. */
+static PyObject *
+python_done_cb(PyObject *self, PyObject *task)
 {
-    /* module is the Op (see ab_op_run_python); task the finished task. */
-    OpObject *self = (OpObject *)module;
-    ab_state *st = state_of(self);
+    OpPy *py = ((OpObject *)self)->py;
+    ab_state *st = PyType_GetModuleState(Py_TYPE(self));
     PyObject *outcome;
     int failed = 1;
-    Py_CLEAR(self->task);
+    Py_CLEAR(py->task);
     PyObject *cancelled = PyObject_CallMethodNoArgs(task, st->str_cancelled);
     if (cancelled == NULL)
         return NULL;
@@ -310,87 +335,96 @@ ab_python_done_cb(PyObject *module, PyObject *task)
         outcome = ab_err_take();
         failed = 1;
     }
-    python_finished(self, outcome, failed);
+    python_finished(py, outcome, failed);
     Py_RETURN_NONE;
 }
 
-static PyMethodDef python_done_def = {"_python_done", (PyCFunction)ab_python_done_cb, METH_O,
-                                      NULL};
+static PyMethodDef python_done_def = {"_python_done", python_done_cb, METH_O, NULL};
+
+/* New reference: the task running callable() in the op's context. */
+static PyObject *
+start_python(OpPy *py, ab_state *st, PyObject *callable)
+{
+    PyObject *loop = PyWeakref_GetObject(py->bridge->loop_ref), *task = NULL;
+    if (loop == Py_None) {
+        PyErr_SetString(PyExc_RuntimeError, "the event loop is gone");
+        return NULL;
+    }
+    if (py->context != NULL && PyContext_Enter(py->context) < 0)
+        return NULL;
+    PyObject *coro = PyObject_CallNoArgs(callable);
+    if (py->context != NULL)
+        PyContext_Exit(py->context);
+    if (coro == NULL)
+        return NULL;
+    PyObject *create_task = PyObject_GetAttr(loop, st->str_create_task);
+    PyObject *kw = py->context != NULL ? Py_BuildValue("{s:O}", "context", py->context)
+                                       : PyDict_New();
+    if (create_task != NULL && kw != NULL)
+        task = PyObject_VectorcallDict(create_task, &coro, 1, kw);
+    Py_XDECREF(create_task);
+    Py_XDECREF(kw);
+    if (task == NULL) {
+        /* not scheduled: close it rather than leave it "never awaited" */
+        PyObject *exc = ab_err_take();
+        PyObject *r = PyObject_CallMethod(coro, "close", NULL);
+        Py_XDECREF(r);
+        PyErr_Clear();
+        ab_err_raise(exc);
+    }
+    Py_DECREF(coro);
+    return task;
+}
 
 /* drain(), for AB_MSG_PYTHON: call the kept callable in the op's context
- * and run what it returns as a task on this loop.  Any failure to start
- * becomes the outcome, so the state machine always resumes. */
-PyObject *
-ab_op_run_python(OpObject *self, ab_state *st)
+ * and run what it returns as a task on this loop.  Any failure to start,
+ * or an op nobody awaits any more, becomes the outcome, so the state
+ * machine always resumes. */
+void
+ab_op_run_python(OpPy *py, ab_state *st)
 {
-    PyObject *callable = abpy_kept(self->op, ab_op_python_slot(self->op));
-    PyObject *coro = NULL, *task = NULL, *cb = NULL, *loop = NULL;
-    if (self->bridge == NULL || self->phase != OP_WAITING) {
-        python_finished(self, PyObject_CallNoArgs(st->cancelled_error), 1);
-        Py_RETURN_NONE;
+    PyObject *callable = abpy_kept(py->op, ab_op_python_slot(py->op)), *task, *cb;
+    if (py->obj == NULL || py->obj->phase != OP_WAITING || py->bridge == NULL ||
+        py->bridge->native == NULL || atomic_load(&py->bridge->native->dead)) {
+        python_finished(py, PyObject_CallNoArgs(st->cancelled_error), 1);
+        return;
     }
     if (callable == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "ab_await_python: empty slot");
         goto fail;
     }
-    if (self->context != NULL && PyContext_Enter(self->context) < 0)
-        goto fail;
-    coro = PyObject_CallNoArgs(callable);
-    if (self->context != NULL)
-        PyContext_Exit(self->context);
-    if (coro == NULL)
-        goto fail;
-    loop = PyWeakref_GetObject(self->bridge->loop_ref);
-    if (loop == Py_None) {
-        PyErr_SetString(PyExc_RuntimeError, "the event loop is gone");
-        goto fail;
-    }
-    PyObject *args[2] = {loop, coro};
-    PyObject *kw = self->context != NULL ? Py_BuildValue("{s:O}", "context", self->context)
-                                         : NULL;
-    PyObject *create_task = PyObject_GetAttr(loop, st->str_create_task);
-    if (create_task == NULL) {
-        Py_XDECREF(kw);
-        goto fail;
-    }
-    task = PyObject_VectorcallDict(create_task, args + 1, 1, kw);
-    Py_DECREF(create_task);
-    Py_XDECREF(kw);
+    task = start_python(py, st, callable);
     if (task == NULL)
         goto fail;
-    cb = PyCFunction_New(&python_done_def, (PyObject *)self);
-    if (cb == NULL)
-        goto fail;
-    if (call_method_void(task, st->str_add_done_callback, cb) < 0)
-        goto fail;
-    Py_DECREF(cb);
-    Py_DECREF(coro);
-    Py_XSETREF(self->task, task);
-    Py_RETURN_NONE;
-fail:
-    Py_XDECREF(cb);
-    Py_XDECREF(coro);
-    if (task != NULL) { /* started but unwatched: stop it */
+    cb = PyCFunction_New(&python_done_def, (PyObject *)py->obj);
+    if (cb == NULL || call_method_void(task, st->str_add_done_callback, cb) < 0) {
         PyObject *exc = ab_err_take();
         PyObject *r = PyObject_CallMethodNoArgs(task, st->str_cancel);
         Py_XDECREF(r);
         PyErr_Clear();
-        ab_err_raise(exc);
+        Py_XDECREF(cb);
         Py_DECREF(task);
+        ab_err_raise(exc);
+        goto fail;
     }
-    python_finished(self, ab_err_take(), 1);
-    Py_RETURN_NONE;
+    Py_DECREF(cb);
+    Py_XSETREF(py->task, task);
+    return;
+fail:
+    python_finished(py, ab_err_take(), 1);
 }
 
 /* ---- the coroutine protocol ------------------------------------------------ */
 
+/* The awaiter stopped awaiting: cancel the native op and its Python await. */
 static void
 stop_native(OpObject *self, ab_state *st)
 {
-    if (self->phase == OP_WAITING && self->bridge != NULL) {
+    OpPy *py = self->py;
+    if (self->phase == OP_WAITING && py->bridge != NULL) {
         ab_cancel(self->op);
-        if (self->task != NULL) {
-            PyObject *r = PyObject_CallMethodNoArgs(self->task, st->str_cancel);
+        if (py->task != NULL && st != NULL) {
+            PyObject *r = PyObject_CallMethodNoArgs(py->task, st->str_cancel);
             if (r == NULL)
                 PyErr_WriteUnraisable((PyObject *)self);
             Py_XDECREF(r);
@@ -402,37 +436,38 @@ stop_native(OpObject *self, ab_state *st)
 /* The op's loop is closed or gone: cancel the native op and answer a
  * pending Python await at once, since its task will never run. */
 void
-ab_op_abort(OpObject *self, ab_state *st)
+ab_op_abort(OpPy *py, ab_state *st)
 {
-    self->phase = OP_DONE;
-    ab_cancel(self->op);
-    if (self->task != NULL) {
-        Py_CLEAR(self->task);
-        python_finished(self, PyObject_CallNoArgs(st->cancelled_error), 1);
+    if (py->obj != NULL)
+        py->obj->phase = OP_DONE;
+    ab_cancel(py->op);
+    if (py->task != NULL) {
+        Py_CLEAR(py->task);
+        python_finished(py, PyObject_CallNoArgs(st->cancelled_error), 1);
     }
 }
 
 static PySendResult
 op_start(OpObject *self, ab_state *st, PyObject **presult)
 {
+    OpPy *py = self->py;
     PyObject *loop = NULL, *fut = NULL;
+    self->phase = OP_DONE; /* unless it starts */
     if (st->shut_down) {
         PyErr_SetString(PyExc_RuntimeError,
                         "asyncio_bridge is shut down (the interpreter is exiting)");
-        goto fail;
+        return PYGEN_ERROR;
     }
     BridgeObject *b = ab_bridge_for_running_loop(st, &loop);
     if (b == NULL)
-        goto fail;
+        return PYGEN_ERROR;
     fut = PyObject_CallMethodNoArgs(loop, st->str_create_future);
     Py_DECREF(loop);
     if (fut == NULL)
+        return PYGEN_ERROR;
+    if ((ab_op_type_of(self->op)->flags & AB_TYPE_AWAITS_PYTHON) &&
+        (py->context = PyContext_CopyCurrent()) == NULL)
         goto fail;
-    if (ab_op_type_of(self->op)->flags & AB_TYPE_AWAITS_PYTHON) {
-        self->context = PyContext_CopyCurrent();
-        if (self->context == NULL)
-            goto fail;
-    }
     if (PyObject_SetAttr(fut, st->str_blocking, Py_True) < 0)
         goto fail;
     int rc = ab_submit(self->op, &b->native->sink);
@@ -440,34 +475,31 @@ op_start(OpObject *self, ab_state *st, PyObject **presult)
         abpy_raise(rc, "cannot start the engine");
         goto fail;
     }
-    self->future = Py_NewRef(fut);
-    self->bridge = (BridgeObject *)Py_NewRef(b);
-    Py_INCREF(self); /* the bridge's, dropped in ab_op_forget */
-    ab_bridge_track(b, self);
+    py->future = Py_NewRef(fut);
+    py->bridge = (BridgeObject *)Py_NewRef(b);
+    ab_bridge_track(b, py);
     self->phase = OP_WAITING;
     *presult = fut;
     return PYGEN_NEXT;
 fail:
-    self->phase = OP_DONE;
-    Py_XDECREF(fut);
+    Py_DECREF(fut);
     return PYGEN_ERROR;
 }
 
 static PySendResult
 op_resume(OpObject *self, ab_state *st, PyObject **presult)
 {
-    PyObject *fut = self->future;
+    PyObject *fut = self->py->future;
     int done = future_done(st, fut);
     if (done <= 0) {
         if (done == 0)
             PyErr_SetString(PyExc_RuntimeError,
                             "await wasn't used with future (an Op was resumed "
                             "before its result arrived)");
-        stop_native(self, st);
         return PYGEN_ERROR;
     }
     self->phase = OP_DONE;
-    self->future = NULL;
+    self->py->future = NULL;
     *presult = PyObject_CallMethodNoArgs(fut, st->str_result);
     Py_DECREF(fut);
     return *presult == NULL ? PYGEN_ERROR : PYGEN_RETURN;
@@ -476,7 +508,7 @@ op_resume(OpObject *self, ab_state *st, PyObject **presult)
 static PySendResult
 op_am_send(OpObject *self, PyObject *arg, PyObject **presult)
 {
-    ab_state *st = state_of(self);
+    ab_state *st = PyType_GetModuleState(Py_TYPE(self));
     *presult = NULL;
     switch (self->phase) {
     case OP_INIT:
@@ -534,32 +566,25 @@ op_iternext(OpObject *self)
     return result_of_send(r, value);
 }
 
+/* New reference: the exception throw(typ, val, tb) raises, or NULL with
+ * the TypeError for arguments that make none. */
 static PyObject *
-op_throw(OpObject *self, PyObject *const *args, Py_ssize_t nargs)
+exception_to_throw(PyObject *typ, PyObject *val, PyObject *tb)
 {
-    PyObject *typ, *val = NULL, *tb = NULL;
-    if (nargs < 1 || nargs > 3) {
-        PyErr_Format(PyExc_TypeError, "throw expected 1 to 3 arguments, got %zd", nargs);
-        return NULL;
-    }
-    typ = args[0];
-    if (nargs > 1)
-        val = args[1];
-    if (nargs > 2)
-        tb = args[2];
-    stop_native(self, state_of(self));
-    Py_CLEAR(self->future);
     if (tb == Py_None)
         tb = NULL;
     if (tb != NULL && !PyTraceBack_Check(tb)) {
         PyErr_SetString(PyExc_TypeError, "throw() third argument must be a traceback object");
         return NULL;
     }
+    PyObject *exc;
     if (PyExceptionClass_Check(typ)) {
-        PyObject *exc = val != NULL && PyObject_TypeCheck(val, (PyTypeObject *)typ)
-                            ? Py_NewRef(val)
-                            : (val == NULL || val == Py_None ? PyObject_CallNoArgs(typ)
-                                                             : PyObject_CallOneArg(typ, val));
+        if (val != NULL && PyObject_TypeCheck(val, (PyTypeObject *)typ))
+            exc = Py_NewRef(val);
+        else if (val == NULL || val == Py_None)
+            exc = PyObject_CallNoArgs(typ);
+        else
+            exc = PyObject_CallOneArg(typ, val);
         if (exc == NULL)
             return NULL;
         if (!PyExceptionInstance_Check(exc)) {
@@ -567,24 +592,35 @@ op_throw(OpObject *self, PyObject *const *args, Py_ssize_t nargs)
             Py_DECREF(exc);
             return NULL;
         }
-        if (tb != NULL)
-            PyException_SetTraceback(exc, tb);
-        ab_err_raise(exc);
-        return NULL;
-    }
-    if (PyExceptionInstance_Check(typ)) {
+    } else if (PyExceptionInstance_Check(typ)) {
         if (val != NULL && val != Py_None) {
             PyErr_SetString(PyExc_TypeError, "instance exception may not have a separate value");
             return NULL;
         }
-        if (tb != NULL)
-            PyException_SetTraceback(typ, tb);
-        ab_err_raise(Py_NewRef(typ));
+        exc = Py_NewRef(typ);
+    } else {
+        PyErr_Format(PyExc_TypeError,
+                     "exceptions must be classes or instances deriving from BaseException, "
+                     "not %s",
+                     Py_TYPE(typ)->tp_name);
         return NULL;
     }
-    PyErr_Format(PyExc_TypeError,
-                 "exceptions must be classes or instances deriving from BaseException, not %s",
-                 Py_TYPE(typ)->tp_name);
+    if (tb != NULL)
+        PyException_SetTraceback(exc, tb);
+    return exc;
+}
+
+static PyObject *
+op_throw(OpObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3) {
+        PyErr_Format(PyExc_TypeError, "throw expected 1 to 3 arguments, got %zd", nargs);
+        return NULL;
+    }
+    stop_native(self, PyType_GetModuleState(Py_TYPE(self)));
+    PyObject *exc = exception_to_throw(args[0], nargs > 1 ? args[1] : NULL,
+                                       nargs > 2 ? args[2] : NULL);
+    ab_err_raise(exc);
     return NULL;
 }
 
@@ -592,14 +628,21 @@ static PyObject *
 op_close(OpObject *self, PyObject *unused)
 {
     (void)unused;
-    stop_native(self, state_of(self));
-    Py_CLEAR(self->future);
+    stop_native(self, PyType_GetModuleState(Py_TYPE(self)));
     Py_RETURN_NONE;
 }
 
 static PyObject *
 op_await(OpObject *self)
 {
+    if (self->phase == OP_WAITING) {
+        PyErr_SetString(PyExc_RuntimeError, "coroutine is being awaited already");
+        return NULL;
+    }
+    if (self->phase == OP_DONE) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return NULL;
+    }
     return Py_NewRef(self);
 }
 
@@ -607,16 +650,15 @@ static PyObject *
 op_get_name(OpObject *self, void *closure)
 {
     (void)closure;
-    return PyUnicode_FromString(self->op ? ab_op_type_of(self->op)->name : "op");
+    return PyUnicode_FromString(ab_op_type_of(self->op)->name);
 }
 
 static PyObject *
 op_repr(OpObject *self)
 {
-    static const char *phases[] = {"unwrapped", "created", "running", "done"};
+    static const char *phases[] = {"created", "running", "done"};
     return PyUnicode_FromFormat("<asyncio_bridge.Op %s %s at %p>",
-                                self->op ? ab_op_type_of(self->op)->name : "?",
-                                phases[self->phase], self);
+                                ab_op_type_of(self->op)->name, phases[self->phase], self);
 }
 
 /* ---- lifetime ------------------------------------------------------------------ */
@@ -624,7 +666,7 @@ op_repr(OpObject *self)
 static void
 op_finalize(OpObject *self)
 {
-    if (self->phase != OP_INIT || self->op == NULL)
+    if (self->phase != OP_INIT)
         return;
     PyObject *exc = ab_err_take();
     self->phase = OP_DONE;
@@ -637,36 +679,26 @@ op_finalize(OpObject *self)
 static int
 op_traverse(OpObject *self, visitproc visit, void *arg)
 {
+    OpPy *py = self->py;
     Py_VISIT(Py_TYPE(self));
-    Py_VISIT(self->future);
-    Py_VISIT(self->context);
-    Py_VISIT(self->task);
-    Py_VISIT(self->outcome);
-    for (int i = 0; i < self->nkept; i++)
-        Py_VISIT(self->kept[i]);
-    for (int i = 0; i < self->nviews; i++)
-        Py_VISIT(self->views[i]->obj);
+    if (py->bridge != NULL)
+        return 0; /* in flight: the engine's references are roots */
+    Py_VISIT(py->future);
+    Py_VISIT(py->context);
+    Py_VISIT(py->task);
+    Py_VISIT(py->outcome);
+    for (int i = 0; i < py->nkept; i++)
+        Py_VISIT(py->kept[i]);
+    for (int i = 0; i < py->nviews; i++)
+        Py_VISIT(py->views[i]->obj);
     return 0;
 }
 
-/* Safe only once the native side let go (the bridge's reference keeps an
- * op in flight alive), so pool functions never see a buffer released. */
 static int
 op_clear(OpObject *self)
 {
-    Py_CLEAR(self->future);
-    Py_CLEAR(self->context);
-    Py_CLEAR(self->task);
-    Py_CLEAR(self->outcome);
-    for (int i = 0; i < self->nkept; i++)
-        Py_CLEAR(self->kept[i]);
-    for (int i = 0; i < self->nviews; i++) {
-        PyBuffer_Release(self->views[i]);
-        PyMem_Free(self->views[i]);
-    }
-    self->nviews = 0;
-    PyMem_Free(self->views);
-    self->views = NULL;
+    if (self->py->bridge == NULL)
+        py_clear(self->py);
     return 0;
 }
 
@@ -679,12 +711,10 @@ op_dealloc(OpObject *self)
     PyObject_GC_UnTrack(self);
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
-    op_clear(self);
-    PyMem_Free(self->kept);
-    if (self->op != NULL) {
-        ab_op_set_owner_data(self->op, NULL);
-        ab_op_release(self->op);
-    }
+    stop_native(self, ab_global_state);
+    self->py->obj = NULL;
+    py_maybe_free(self->py);
+    ab_op_release(self->op);
     PyObject_GC_Del(self);
     Py_DECREF(tp);
 }

@@ -1,0 +1,1 @@
+../../lib/include/ab.h

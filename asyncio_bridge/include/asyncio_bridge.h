@@ -1,0 +1,1 @@
+../../ext/include/asyncio_bridge.h
