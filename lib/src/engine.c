@@ -12,12 +12,20 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ab-internal.h"
 
 /* Timers above this many seconds (68 years) wait until cancelled. */
 #define AB__TIMER_MAX 2147483647.0
+/* How long the engine keeps polling its inbox after the last post. */
+#define AB__SPIN_NS 50000u
+#if defined(__x86_64__) || defined(__i386__)
+#define AB__CPU_RELAX() __builtin_ia32_pause()
+#else
+#define AB__CPU_RELAX() __asm__ __volatile__("" ::: "memory")
+#endif
 
 enum park_state { PARK_NONE, PARK_ASKED, PARK_PARKED };
 
@@ -29,6 +37,7 @@ static struct engine {
     int wake_fd;
     struct event wake_ev;
     ab_op *inbox; /* lock-free stack */
+    atomic_int awake; /* the engine looks at the inbox: posters need not wake it */
     atomic_int stop_asked;
 
     /* fork: the engine parks outside libevent while another thread forks */
@@ -205,7 +214,9 @@ ab__engine_post(ab_op *op, unsigned bits)
         op->inbox_next = head;
     } while (!__atomic_compare_exchange_n(&E.inbox, &head, op, 1, __ATOMIC_SEQ_CST,
                                           __ATOMIC_RELAXED));
-    if (head == NULL)
+    /* Both seq_cst: either the engine's last look at the inbox (after it
+     * cleared `awake`) sees this op, or this load sees awake == 0. */
+    if (head == NULL && !atomic_load(&E.awake))
         wake_engine();
 }
 
@@ -218,6 +229,41 @@ park_here(void)
     while (E.park == PARK_PARKED)
         pthread_cond_wait(&E.park_cv, &E.park_mu);
     pthread_mutex_unlock(&E.park_mu);
+}
+
+/* Take the inbox, oldest first, and dispatch it; 0 if it was empty. */
+static int
+drain_inbox(void)
+{
+    ab_op *lifo = __atomic_exchange_n(&E.inbox, NULL, __ATOMIC_SEQ_CST), *fifo = NULL;
+    if (lifo == NULL)
+        return 0;
+    while (lifo != NULL) {
+        ab_op *next = lifo->inbox_next;
+        lifo->inbox_next = fifo;
+        fifo = lifo;
+        lifo = next;
+    }
+    while (fifo != NULL) {
+        /* Read the link before clearing the bits: once they are clear a
+         * poster may push the op again and rewrite it. */
+        ab_op *op = fifo, *next = op->inbox_next;
+        unsigned ev = atomic_exchange(&op->pending, 0) & ~AB__QUEUED;
+        dispatch(op, ev);
+        /* The owner cleared its data before letting go (ab_op_release), so a
+         * last release here runs no Python. */
+        ab_op_release(op);
+        fifo = next;
+    }
+    return 1;
+}
+
+static uint64_t
+now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 static void
@@ -236,24 +282,24 @@ on_wake(evutil_socket_t fd, short what, void *arg)
         event_base_loopbreak(E.base);
         return;
     }
-    ab_op *lifo = __atomic_exchange_n(&E.inbox, NULL, __ATOMIC_ACQ_REL), *fifo = NULL;
-    while (lifo != NULL) {
-        ab_op *next = lifo->inbox_next;
-        lifo->inbox_next = fifo;
-        fifo = lifo;
-        lifo = next;
+    /* Submissions come in bursts (a loop turn resumes many tasks, each
+     * submitting): keep looking for AB__SPIN_NS after the last post, with
+     * `awake` set, so that the rest of the burst costs no write and no
+     * wake-up.  Timers wait at most that long. */
+    atomic_store(&E.awake, 1);
+    uint64_t until = now_ns() + AB__SPIN_NS;
+    for (;;) {
+        if (drain_inbox()) {
+            until = now_ns() + AB__SPIN_NS;
+            continue;
+        }
+        if (now_ns() >= until || atomic_load(&E.park_asked) || atomic_load(&E.stop_asked))
+            break;
+        for (int i = 0; i < 64; i++)
+            AB__CPU_RELAX();
     }
-    while (fifo != NULL) {
-        /* Read the link before clearing the bits: once they are clear a
-         * poster may push the op again and rewrite it. */
-        ab_op *op = fifo, *next = op->inbox_next;
-        unsigned ev = atomic_exchange(&op->pending, 0) & ~AB__QUEUED;
-        dispatch(op, ev);
-        /* The owner cleared its data before letting go (ab_op_release), so a
-         * last release here runs no Python. */
-        ab_op_release(op);
-        fifo = next;
-    }
+    atomic_store(&E.awake, 0);
+    drain_inbox(); /* a post that saw `awake` just before it was cleared */
 }
 
 /* ---- start, stop, fork ------------------------------------------------------ */
