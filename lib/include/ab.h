@@ -184,7 +184,8 @@ int ab_await_cancel(ab_op *op);
  *   }
  *
  * Locals do not survive an AB_AWAIT: keep what must live in the state.  At
- * most one AB_AWAIT per source line.  If the await cannot be armed, the op
+ * most one AB_AWAIT per source line, and never inside a switch statement of
+ * your own (its case labels would belong to that switch).  If the await cannot be armed, the op
  * fails with that error; if the op is cancelled while suspended, it fails
  * with -ECANCELED at the resume point (use AB_AWAIT_OR_CANCEL to handle
  * cancellation yourself). */

@@ -34,7 +34,7 @@ static struct engine {
     int running;
     pthread_t thread;
     struct event_base *base;
-    int wake_fd;
+    atomic_int wake_fd; /* set once per process (and again in a fork child) */
     struct event wake_ev;
     ab_op *inbox; /* lock-free stack */
     atomic_int awake; /* the engine looks at the inbox: posters need not wake it */
@@ -195,8 +195,9 @@ static void
 wake_engine(void)
 {
     uint64_t one = 1;
+    int fd = atomic_load_explicit(&E.wake_fd, memory_order_acquire);
     atomic_fetch_add_explicit(&S.engine_wakeups, 1, memory_order_relaxed);
-    while (write(E.wake_fd, &one, sizeof(one)) < 0 && errno == EINTR)
+    while (fd >= 0 && write(fd, &one, sizeof(one)) < 0 && errno == EINTR)
         ;
 }
 
@@ -279,6 +280,7 @@ on_wake(evutil_socket_t fd, short what, void *arg)
     if (atomic_load(&E.park_asked))
         park_here();
     if (atomic_load(&E.stop_asked)) {
+        drain_inbox(); /* retires and late cancels still get their answer */
         event_base_loopbreak(E.base);
         return;
     }
@@ -300,6 +302,49 @@ on_wake(evutil_socket_t fd, short what, void *arg)
     }
     atomic_store(&E.awake, 0);
     drain_inbox(); /* a post that saw `awake` just before it was cleared */
+}
+
+static void
+retire_step_free(ab_op *op)
+{
+    struct retire {
+        ab_sink *sink;
+        void (*free_fn)(ab_sink *);
+    } *r = ab_op_state(op);
+    r->free_fn(r->sink);
+}
+
+static int
+retire_step(ab_op *op)
+{
+    retire_step_free(op);
+    return ab_return_none(op);
+}
+
+static const ab_op_type retire_type = {
+    .name = "sink_retire",
+    .state_size = sizeof(void *) * 2,
+    .step = retire_step,
+};
+
+/* After the engine thread is gone: what is still on the inbox will never
+ * be dispatched.  Retires are done here; other ops lose the inbox's
+ * reference and stay abandoned, as every op in flight at a stop. */
+static void
+drop_inbox(void)
+{
+    ab_op *op = __atomic_exchange_n(&E.inbox, NULL, __ATOMIC_SEQ_CST);
+    while (op != NULL) {
+        ab_op *next = op->inbox_next;
+        atomic_store(&op->pending, 0);
+        if (op->type == &retire_type && !op->finished) {
+            retire_step(op);
+            op->finished = 1;
+            ab_op_release(op); /* the engine-owned reference */
+        }
+        ab_op_release(op);
+        op = next;
+    }
 }
 
 /* ---- start, stop, fork ------------------------------------------------------ */
@@ -338,9 +383,20 @@ start_locked(void)
 
     event_set_log_callback(silent_log);
     /* The wake fd outlives stops: a pool thread may still post to it. */
-    if (E.wake_fd < 0 && (E.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0)
-        return -errno;
-    E.base = event_base_new();
+    if (E.wake_fd < 0) {
+        int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (fd < 0)
+            return -errno;
+        atomic_store_explicit(&E.wake_fd, fd, memory_order_release);
+    }
+    /* Precise timers: the default coarse clock ticks every 4 ms here, and
+     * a timer must never fire early. */
+    struct event_config *cfg = event_config_new();
+    if (cfg == NULL)
+        return -ENOMEM;
+    event_config_set_flag(cfg, EVENT_BASE_FLAG_PRECISE_TIMER);
+    E.base = event_base_new_with_config(cfg);
+    event_config_free(cfg);
     if (E.base == NULL)
         return -ENOMEM;
     event_assign(&E.wake_ev, E.base, E.wake_fd, EV_READ | EV_PERSIST, on_wake, NULL);
@@ -394,7 +450,7 @@ ab_engine_stop(void)
             event_base_free(E.base);
         }
         E.base = NULL;
-        __atomic_store_n(&E.inbox, NULL, __ATOMIC_RELEASE);
+        drop_inbox();
     }
     pthread_mutex_unlock(&E.start_mu);
     ab__pool_stop();
@@ -488,45 +544,24 @@ ab_python_done(ab_op *op, int failed)
     ab__engine_post(op, AB_EV_PYTHON);
 }
 
-static void
-retire_step_free(ab_op *op)
-{
-    struct retire {
-        ab_sink *sink;
-        void (*free_fn)(ab_sink *);
-    } *r = ab_op_state(op);
-    r->free_fn(r->sink);
-}
-
-static int
-retire_step(ab_op *op)
-{
-    retire_step_free(op);
-    return ab_return_none(op);
-}
-
-static const ab_op_type retire_type = {
-    .name = "sink_retire",
-    .state_size = sizeof(void *) * 2,
-    .step = retire_step,
-};
-
 void
 ab_sink_retire(ab_sink *sink, void (*free_fn)(ab_sink *))
 {
+    /* Under start_mu: a stop running now either sees this post in its
+     * last drain or has already stopped the engine. */
+    pthread_mutex_lock(&E.start_mu);
     ab_op *op = E.running ? ab_op_new(&retire_type) : NULL;
-    if (op == NULL) {
-        free_fn(sink);
-        return;
+    if (op != NULL) {
+        void **r = ab_op_state(op);
+        r[0] = sink;
+        r[1] = (void *)free_fn;
+        /* Engine-owned: no sink; the engine frees it when done. */
+        op->generation = ab_fork_generation();
+        ab__engine_post(op, AB_EV_START);
     }
-    void **r = ab_op_state(op);
-    r[0] = sink;
-    r[1] = (void *)free_fn;
-    /* Engine-owned: no sink; the engine frees it when done. */
-    op->sink = NULL;
-    op->submitted = 0;
-    op->generation = ab_fork_generation();
-    ab__engine_post(op, AB_EV_START);
+    pthread_mutex_unlock(&E.start_mu);
+    if (op == NULL)
+        free_fn(sink);
 }
 
 /* ---- awaits, on the engine thread -------------------------------------------- */
@@ -553,9 +588,12 @@ to_timeval(double seconds)
     if (seconds < 0 || isnan(seconds))
         seconds = 0;
     tv.tv_sec = (time_t)seconds;
-    tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
-    if (tv.tv_usec >= 1000000)
-        tv.tv_usec = 999999;
+    /* Round up: a timer may fire late, never early. */
+    tv.tv_usec = (suseconds_t)ceil((seconds - (double)tv.tv_sec) * 1e6);
+    if (tv.tv_usec >= 1000000) {
+        tv.tv_sec++;
+        tv.tv_usec = 0;
+    }
     return tv;
 }
 

@@ -40,7 +40,7 @@ worker_main(void *arg)
     for (;;) {
         while (P.head == NULL && !P.stopping && P.threads <= wanted())
             pthread_cond_wait(&P.cv, &P.mu);
-        if (P.stopping || (P.head == NULL && P.threads > wanted()))
+        if (P.stopping || P.threads > wanted())
             break;
         ab_op *op = P.head;
         P.head = op->pool_next;
