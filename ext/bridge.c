@@ -17,6 +17,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -177,7 +178,7 @@ drain_dead(BridgeObject *b)
     while (op != NULL) {
         int msg;
         ab_op *next = ab_sink_next(op, &msg);
-        OpPy *py = ab_op_owner_data(op);
+        OpPy *py = ab_op_owner(op);
         if (msg == AB_MSG_FINISHED)
             ab_op_forget(py);
         else
@@ -479,6 +480,21 @@ use_courier(BridgeObject *b, ab_state *st, PyObject *loop)
     return 0;
 }
 
+/* If the loop's create_future() is BaseEventLoop's, which only returns
+ * Future(loop=self), make the Futures directly. */
+static int
+direct_futures(BridgeObject *b, ab_state *st, PyObject *loop)
+{
+    PyObject *impl = PyObject_GetAttr((PyObject *)Py_TYPE(loop), st->str_create_future);
+    if (impl == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    b->direct_futures = impl == st->base_create_future;
+    Py_DECREF(impl);
+    return 0;
+}
+
 static BridgeObject *
 bridge_new(ab_state *st, PyObject *loop)
 {
@@ -487,6 +503,7 @@ bridge_new(ab_state *st, PyObject *loop)
         return NULL;
     b->native = calloc(1, sizeof(*b->native));
     b->loop_ref = b->wake = b->drain = NULL;
+    b->direct_futures = 0;
     b->in_flight = 0;
     b->ops.prev = b->ops.next = &b->ops;
     b->all_prev = b->all_next = NULL;
@@ -521,7 +538,7 @@ bridge_new(ab_state *st, PyObject *loop)
             rc = use_courier(b, st, loop);
         }
     }
-    if (rc < 0)
+    if (rc < 0 || direct_futures(b, st, loop) < 0)
         goto fail;
     b->all_next = C.all;
     if (C.all != NULL)
@@ -537,13 +554,69 @@ fail:
     return NULL;
 }
 
+/* ---- the running loop, without a getpid() per op --------------------------------
+ *
+ * CPython 3.11's asyncio.get_running_loop() checks the process id with a
+ * getpid() system call on every call: 0.2 us here, a third of what an op
+ * costs.  It finds the loop in a holder object kept in the thread state's
+ * dict.  Once that holder is seen to hold exactly what get_running_loop()
+ * returned, later calls read it directly; a fork (our own generation
+ * counter) or any other Python, where the key does not exist, takes the
+ * documented call. */
+
+static PyObject *
+holder_loop(PyObject *holder)
+{
+    return *(PyObject **)((char *)holder + sizeof(PyObject));
+}
+
+/* Borrowed: the running-loop holder of this thread, or NULL. */
+static PyObject *
+current_holder(ab_state *st)
+{
+    PyObject *d = PyThreadState_GetDict();
+    if (d == NULL)
+        return NULL;
+    PyObject *h = PyDict_GetItemWithError(d, st->str_holder_key);
+    if (h == NULL)
+        PyErr_Clear();
+    return h;
+}
+
+static void
+learn_holder(ab_state *st, PyObject *loop)
+{
+    PyObject *h = current_holder(st);
+    if (h != NULL && strcmp(Py_TYPE(h)->tp_name, "_RunningLoopHolder") == 0 &&
+        Py_TYPE(h)->tp_basicsize >= (Py_ssize_t)(sizeof(PyObject) + sizeof(PyObject *)) &&
+        holder_loop(h) == loop) {
+        st->holder_type = Py_TYPE(h);
+        st->holder_generation = ab_fork_generation();
+    }
+}
+
+/* New reference: the running loop, or NULL with RuntimeError. */
+static PyObject *
+running_loop(ab_state *st)
+{
+    if (st->holder_type != NULL && st->holder_generation == ab_fork_generation()) {
+        PyObject *h = current_holder(st);
+        if (h != NULL && Py_TYPE(h) == st->holder_type && holder_loop(h) != Py_None)
+            return Py_NewRef(holder_loop(h));
+    }
+    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
+    if (loop != NULL)
+        learn_holder(st, loop);
+    return loop;
+}
+
 /* Borrowed: the bridge for the running loop, made on first use; *loop_out
  * gets a new reference to the loop.  NULL with RuntimeError outside a
  * running loop. */
 BridgeObject *
 ab_bridge_for_running_loop(ab_state *st, PyObject **loop_out)
 {
-    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
+    PyObject *loop = running_loop(st);
     if (loop == NULL)
         return NULL;
     if (loop == st->last_loop && st->last_bridge != NULL) {
@@ -606,7 +679,7 @@ bridge_drain(BridgeObject *b, PyObject *unused)
     while (op != NULL) {
         int msg;
         ab_op *next = ab_sink_next(op, &msg);
-        OpPy *py = ab_op_owner_data(op);
+        OpPy *py = ab_op_owner(op);
         if (msg == AB_MSG_FINISHED) {
             if (ab_op_resolve(py, st) < 0)
                 PyErr_WriteUnraisable((PyObject *)b);

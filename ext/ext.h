@@ -21,7 +21,7 @@ typedef struct OpObject OpObject;
  * as a loop's pending timers are: an awaiting task is never collected
  * under a running op.  Otherwise the Op object shows them to the GC. */
 typedef struct OpPy {
-    ab_op *op;
+    ab_op *op;              /* NULL until used, and once released */
     OpObject *obj;          /* borrowed; NULL once the Op object is gone */
     BridgeObject *bridge;   /* while in flight (strong) */
     PyObject *future;
@@ -62,6 +62,9 @@ struct BridgeObject {
     PyObject *loop_ref;  /* weakref to the loop */
     PyObject *wake;      /* cst: loop.call_soon_threadsafe */
     PyObject *drain;     /* bound self.drain */
+    /* The loop's create_future() is asyncio's own: make the Futures
+     * directly, as Future(loop=loop), and skip a Python frame per op. */
+    int direct_futures;
     delivery_kind delivery;
     unsigned generation; /* fork generation it was made in */
     Py_ssize_t in_flight;
@@ -77,6 +80,13 @@ typedef struct {
     PyObject *bridges;        /* {id(loop): Bridge} */
     PyObject *get_running_loop;
     PyObject *cancelled_error;
+    PyObject *invalid_state_error;
+    PyObject *future_type;        /* asyncio.Future */
+    PyObject *base_create_future; /* asyncio.BaseEventLoop.create_future */
+    PyObject *kw_loop;            /* ("loop",) */
+    PyObject *str_holder_key;     /* see running_loop() in bridge.c */
+    PyTypeObject *holder_type;    /* borrowed: CPython's, lives forever */
+    unsigned holder_generation;
     PyObject *str_create_future, *str_set_result, *str_set_exception, *str_done,
         *str_cancel, *str_result, *str_blocking, *str_call_soon_threadsafe, *str_drain,
         *str_is_closed, *str_create_task, *str_add_done_callback, *str_exception,

@@ -156,7 +156,16 @@ module_exec(PyObject *module)
     if ((st->bridges = PyDict_New()) == NULL)
         return -1;
     if ((st->get_running_loop = import_attr("asyncio", "get_running_loop")) == NULL ||
-        (st->cancelled_error = import_attr("asyncio", "CancelledError")) == NULL)
+        (st->cancelled_error = import_attr("asyncio", "CancelledError")) == NULL ||
+        (st->invalid_state_error = import_attr("asyncio", "InvalidStateError")) == NULL ||
+        (st->future_type = import_attr("asyncio", "Future")) == NULL)
+        return -1;
+    PyObject *base_loop = import_attr("asyncio", "BaseEventLoop");
+    if (base_loop == NULL)
+        return -1;
+    st->base_create_future = PyObject_GetAttrString(base_loop, "create_future");
+    Py_DECREF(base_loop);
+    if (st->base_create_future == NULL)
         return -1;
     INTERN(str_create_future, "create_future");
     INTERN(str_set_result, "set_result");
@@ -172,6 +181,9 @@ module_exec(PyObject *module)
     INTERN(str_is_closed, "is_closed");
     INTERN(str_create_task, "create_task");
     INTERN(str_add_done_callback, "add_done_callback");
+    INTERN(str_holder_key, "__asyncio_running_event_loop__");
+    if ((st->kw_loop = Py_BuildValue("(s)", "loop")) == NULL)
+        return -1;
     st->delivery = DELIVERY_AUTO;
     PyObject *capsule = ab_capi_capsule();
     if (capsule == NULL || PyModule_AddObject(module, "_C_API", capsule) < 0) {
@@ -195,6 +207,9 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->bridges);
     Py_VISIT(st->get_running_loop);
     Py_VISIT(st->cancelled_error);
+    Py_VISIT(st->invalid_state_error);
+    Py_VISIT(st->future_type);
+    Py_VISIT(st->base_create_future);
     return 0;
 }
 
@@ -210,6 +225,10 @@ module_clear(PyObject *module)
     Py_CLEAR(st->bridges);
     Py_CLEAR(st->get_running_loop);
     Py_CLEAR(st->cancelled_error);
+    Py_CLEAR(st->invalid_state_error);
+    Py_CLEAR(st->future_type);
+    Py_CLEAR(st->base_create_future);
+    Py_CLEAR(st->kw_loop);
     Py_CLEAR(st->str_create_future);
     Py_CLEAR(st->str_set_result);
     Py_CLEAR(st->str_set_exception);
@@ -224,6 +243,7 @@ module_clear(PyObject *module)
     Py_CLEAR(st->str_is_closed);
     Py_CLEAR(st->str_create_task);
     Py_CLEAR(st->str_add_done_callback);
+    Py_CLEAR(st->str_holder_key);
     return 0;
 }
 

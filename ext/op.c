@@ -10,19 +10,12 @@
 
 /* ---- the Python side of an ab_op: kept objects and pinned buffers ------- */
 
-/* Borrowed: the op's Python side, made on first use; NULL with an
- * exception. */
+/* Borrowed: the op's Python side, in the op's owner area (never NULL). */
 static OpPy *
 py_of(ab_op *op)
 {
-    OpPy *py = ab_op_owner_data(op);
-    if (py != NULL)
-        return py;
-    py = PyMem_Calloc(1, sizeof(*py));
-    if (py == NULL)
-        return (OpPy *)PyErr_NoMemory();
+    OpPy *py = ab_op_owner(op);
     py->op = op;
-    ab_op_set_owner_data(op, py);
     return py;
 }
 
@@ -30,8 +23,6 @@ int
 abpy_keep(ab_op *op, PyObject *obj)
 {
     OpPy *py = py_of(op);
-    if (py == NULL)
-        return -1;
     PyObject **kept = PyMem_Realloc(py->kept, sizeof(*kept) * (py->nkept + 1));
     if (kept == NULL) {
         PyErr_NoMemory();
@@ -45,8 +36,8 @@ abpy_keep(ab_op *op, PyObject *obj)
 PyObject *
 abpy_kept(ab_op *op, int slot)
 {
-    OpPy *py = ab_op_owner_data(op);
-    if (py == NULL || slot < 0 || slot >= py->nkept)
+    OpPy *py = ab_op_owner(op);
+    if (slot < 0 || slot >= py->nkept)
         return NULL;
     return py->kept[slot];
 }
@@ -55,8 +46,6 @@ Py_buffer *
 abpy_keep_buffer(ab_op *op, PyObject *obj, int flags)
 {
     OpPy *py = py_of(op);
-    if (py == NULL)
-        return NULL;
     Py_buffer **views = PyMem_Realloc(py->views, sizeof(*views) * (py->nviews + 1));
     if (views == NULL)
         return (Py_buffer *)PyErr_NoMemory();
@@ -75,17 +64,15 @@ abpy_keep_buffer(ab_op *op, PyObject *obj, int flags)
 PyObject *
 abpy_python_outcome(ab_op *op)
 {
-    OpPy *py = ab_op_owner_data(op);
-    return py == NULL ? NULL : py->outcome;
+    return ((OpPy *)ab_op_owner(op))->outcome;
 }
 
 PyObject *
 abpy_wrap(ab_op *op)
 {
     OpPy *py = py_of(op);
-    if (py == NULL || ab_global_state == NULL) {
-        if (py != NULL)
-            PyErr_SetString(PyExc_RuntimeError, "asyncio_bridge is not initialised");
+    if (ab_global_state == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "asyncio_bridge is not initialised");
         ab_op_release(op);
         return NULL;
     }
@@ -131,10 +118,11 @@ py_clear(OpPy *py)
 static void
 py_free(OpPy *py)
 {
-    ab_op_set_owner_data(py->op, NULL);
     py_clear(py);
     PyMem_Free(py->kept);
-    PyMem_Free(py);
+    py->kept = NULL;
+    py->nkept = 0;
+    py->op = NULL; /* nothing left for the release hook */
 }
 
 /* The owner side lets go of the Python side once neither the Op object
@@ -153,8 +141,8 @@ py_maybe_free(OpPy *py)
 static void
 release_hook(ab_op *op)
 {
-    OpPy *py = ab_op_owner_data(op);
-    if (py != NULL)
+    OpPy *py = ab_op_owner(op);
+    if (py->op != NULL)
         py_free(py);
 }
 
@@ -245,27 +233,42 @@ future_done(ab_state *st, PyObject *fut)
     return done;
 }
 
+/* fut.set_result(value) or set_exception(exc), unless the Future was
+ * cancelled meanwhile (decided here, on the loop thread, where nothing can
+ * change it between the look and the call). */
+static int
+settle_call(ab_state *st, PyObject *fut, PyObject *method, PyObject *arg)
+{
+    if (call_method_void(fut, method, arg) == 0)
+        return 0;
+    if (!PyErr_ExceptionMatches(st->invalid_state_error))
+        return -1;
+    PyErr_Clear(); /* cancelled: never set a result on it */
+    return 0;
+}
+
 static int
 settle_future(OpPy *py, ab_state *st)
 {
     PyObject *fut = py->future;
-    int done = future_done(st, fut);
-    if (done != 0)
-        return done < 0 ? -1 : 0; /* cancelled meanwhile: never set_result */
     int err = ab_op_error(py->op);
-    if (err == -ECANCELED || py->obj == NULL) /* nobody can await it any more */
+    if (err == -ECANCELED || py->obj == NULL) { /* nobody can await it any more */
+        int done = future_done(st, fut);
+        if (done != 0)
+            return done < 0 ? -1 : 0;
         return call_method_void(fut, st->str_cancel, NULL);
+    }
     PyObject *value = err == 0 ? result_object(py) : NULL;
     int rc;
     if (value != NULL) {
-        rc = call_method_void(fut, st->str_set_result, value);
+        rc = settle_call(st, fut, st->str_set_result, value);
         Py_DECREF(value);
         return rc;
     }
     PyObject *exc = err == 0 ? ab_err_take() : error_object(py, st);
     if (exc == NULL)
         return -1;
-    rc = call_method_void(fut, st->str_set_exception, exc);
+    rc = settle_call(st, fut, st->str_set_exception, exc);
     Py_DECREF(exc);
     return rc;
 }
@@ -461,7 +464,8 @@ op_start(OpObject *self, ab_state *st, PyObject **presult)
     BridgeObject *b = ab_bridge_for_running_loop(st, &loop);
     if (b == NULL)
         return PYGEN_ERROR;
-    fut = PyObject_CallMethodNoArgs(loop, st->str_create_future);
+    fut = b->direct_futures ? PyObject_Vectorcall(st->future_type, &loop, 0, st->kw_loop)
+                            : PyObject_CallMethodNoArgs(loop, st->str_create_future);
     Py_DECREF(loop);
     if (fut == NULL)
         return PYGEN_ERROR;
@@ -490,17 +494,15 @@ static PySendResult
 op_resume(OpObject *self, ab_state *st, PyObject **presult)
 {
     PyObject *fut = self->py->future;
-    int done = future_done(st, fut);
-    if (done <= 0) {
-        if (done == 0)
-            PyErr_SetString(PyExc_RuntimeError,
-                            "await wasn't used with future (an Op was resumed "
-                            "before its result arrived)");
+    *presult = PyObject_CallMethodNoArgs(fut, st->str_result);
+    if (*presult == NULL && PyErr_ExceptionMatches(st->invalid_state_error)) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "await wasn't used with future (an Op was resumed before its "
+                        "result arrived)");
         return PYGEN_ERROR;
     }
     self->phase = OP_DONE;
     self->py->future = NULL;
-    *presult = PyObject_CallMethodNoArgs(fut, st->str_result);
     Py_DECREF(fut);
     return *presult == NULL ? PYGEN_ERROR : PYGEN_RETURN;
 }
@@ -766,5 +768,6 @@ PyType_Spec ab_op_spec = {
 void
 ab_op_install_release_hook(void)
 {
+    ab_set_owner_size(sizeof(OpPy));
     ab_set_release_hook(release_hook);
 }

@@ -125,9 +125,11 @@ ab_result_kind ab_op_result_kind(const ab_op *op);
 int64_t ab_op_result_int(const ab_op *op);
 double ab_op_result_float(const ab_op *op);
 const void *ab_op_result_data(const ab_op *op, size_t *len);
-/* Opaque word the owner (the extension) stores with an op. */
-void ab_op_set_owner_data(ab_op *op, void *data);
-void *ab_op_owner_data(const ab_op *op);
+/* The owner's area of an op: ab_set_owner_size bytes, zeroed, allocated
+ * with it (the extension keeps an op's Python side there).  Set the size
+ * once, before the first op. */
+void ab_set_owner_size(size_t size);
+void *ab_op_owner(ab_op *op);
 /* Called with each op just before it is freed, on the releasing thread,
  * so that the owner can drop what it keeps for the op.  Set once. */
 void ab_set_release_hook(void (*hook)(ab_op *op));

@@ -66,7 +66,6 @@ struct ab_op {
         } buf;
     } result;
 
-    void *owner_data;
     _Alignas(max_align_t) unsigned char state[];
 };
 

@@ -7,6 +7,15 @@
 #include "ab-internal.h"
 
 static void (*release_hook)(ab_op *op);
+static size_t owner_size;
+
+/* The owner area follows the state, aligned. */
+static size_t
+state_span(const ab_op_type *type)
+{
+    size_t a = _Alignof(max_align_t);
+    return (type->state_size + a - 1) / a * a;
+}
 
 const char *
 ab_strerror(int err)
@@ -26,13 +35,25 @@ ab_strerror(int err)
 ab_op *
 ab_op_new(const ab_op_type *type)
 {
-    ab_op *op = calloc(1, sizeof(*op) + type->state_size);
+    ab_op *op = calloc(1, sizeof(*op) + state_span(type) + owner_size);
     if (op == NULL)
         return NULL;
     op->type = type;
     atomic_init(&op->refs, 1);
     op->python_slot = -1;
     return op;
+}
+
+void
+ab_set_owner_size(size_t size)
+{
+    owner_size = size;
+}
+
+void *
+ab_op_owner(ab_op *op)
+{
+    return op->state + state_span(op->type);
 }
 
 void
@@ -83,8 +104,6 @@ const char *ab_op_error_message(const ab_op *op) { return op->error_message; }
 ab_result_kind ab_op_result_kind(const ab_op *op) { return op->kind; }
 int64_t ab_op_result_int(const ab_op *op) { return op->result.i; }
 double ab_op_result_float(const ab_op *op) { return op->result.d; }
-void ab_op_set_owner_data(ab_op *op, void *data) { op->owner_data = data; }
-void *ab_op_owner_data(const ab_op *op) { return op->owner_data; }
 int ab_op_python_failed(const ab_op *op) { return op->python_failed; }
 int ab_op_python_slot(const ab_op *op) { return op->python_slot; }
 unsigned ab_op_generation(const ab_op *op) { return op->generation; }

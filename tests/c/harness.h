@@ -97,24 +97,25 @@ static char th_magic;
 static void
 th_release_hook(ab_op *op)
 {
-    if (ab_op_owner_data(op) == &th_magic)
+    if (*(char **)ab_op_owner(op) == &th_magic)
         atomic_fetch_add(&th_ops_freed, 1);
 }
 
-static void
-th_install_hook_once(void)
+/* Before main: every op, the engine's own included, gets the owner area
+ * the hook reads. */
+__attribute__((constructor)) static void
+th_install_hook(void)
 {
+    ab_set_owner_size(sizeof(char *));
     ab_set_release_hook(th_release_hook);
 }
 
 static inline ab_op *
 th_op_new(const ab_op_type *type)
 {
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, th_install_hook_once);
     ab_op *op = ab_op_new(type);
     CHECK(op != NULL);
-    ab_op_set_owner_data(op, &th_magic);
+    *(char **)ab_op_owner(op) = &th_magic;
     atomic_fetch_add(&th_ops_made, 1);
     return op;
 }
