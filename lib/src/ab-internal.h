@@ -12,7 +12,8 @@
 /* What a suspended op waits for. */
 enum ab__wait {
     AB__WAIT_NONE,
-    AB__WAIT_EVENT,  /* its libevent timer or fd event */
+    AB__WAIT_EVENT,  /* its libevent fd event */
+    AB__WAIT_TIMER,  /* the engine's timer heap */
     AB__WAIT_WORK,   /* a pool function */
     AB__WAIT_PYTHON, /* the owner, running a Python awaitable */
     AB__WAIT_CANCEL, /* nothing but cancellation */
@@ -33,29 +34,39 @@ struct ab_op {
     /* Engine thread only. */
     unsigned event;           /* why the current step runs */
     int pc;
-    enum ab__wait wait;
+    unsigned char wait;       /* enum ab__wait */
     unsigned char started, finished, cancelled, cleaned, submitted;
-    struct event ev;
-    ab_work_fn work;
-
-    /* Links: each queue has its own, since an op can sit on the inbox
-     * (a cancel) while its message waits on the sink. */
-    ab_op *inbox_next;
-    ab_op *sink_next;
-    ab_op *pool_next;
-    ab_sink *sink;
     int sink_msg;
-
-    /* The Python await, written by the engine before AB_MSG_PYTHON and by
-     * the owner before AB_EV_PYTHON: the queues order the two. */
-    int python_slot;
+    /* What the current wait needs; one wait at a time. */
+    union {
+        struct event *ev;     /* AB__WAIT_EVENT: an fd wait, allocated for it */
+        struct {
+            uint64_t deadline; /* AB__WAIT_TIMER: CLOCK_MONOTONIC ns */
+            unsigned heap_idx;
+        };
+        ab_work_fn work;      /* AB__WAIT_WORK */
+        /* AB__WAIT_PYTHON: the slot to call, written by the engine before
+         * AB_MSG_PYTHON (the sink orders it for the owner). */
+        int python_slot;
+    };
+    /* Written by the owner before AB_EV_PYTHON; read by the step after. */
     int python_failed;
+
+    /* Links: the inbox has its own, since an op can sit on the inbox (a
+     * cancel) while it is queued elsewhere; an op waits on the pool or on
+     * the sink, never both. */
+    ab_op *inbox_next;
+    union {
+        ab_op *sink_next;
+        ab_op *pool_next;
+    };
+    ab_sink *sink;
 
     /* Outcome, written by the step, read by the owner after
      * AB_MSG_FINISHED. */
     int error;
-    char *error_message;
     ab_result_kind kind;
+    char *error_message;
     union {
         int64_t i;
         double d;
@@ -76,6 +87,13 @@ void ab__engine_post(ab_op *op, unsigned bits);
 int ab__on_engine_thread(void);
 /* op.c */
 void ab__op_finish_cleanup(ab_op *op);
+/* timers.c, engine thread */
+uint64_t ab__now_ns(void);
+int ab__timers_start(struct event_base *base, void (*fire)(ab_op *op));
+void ab__timers_stop(void);
+void ab__timers_forget(void);
+int ab__timer_add(ab_op *op, uint64_t deadline);
+void ab__timer_remove(ab_op *op);
 /* pool.c: queue fn for op; 0 or a negative error.  Engine thread. */
 int ab__pool_submit(ab_op *op);
 void ab__pool_atfork_prepare(void);

@@ -19,8 +19,10 @@
 
 /* Timers above this many seconds (68 years) wait until cancelled. */
 #define AB__TIMER_MAX 2147483647.0
-/* How long the engine keeps polling its inbox after the last post. */
+/* How long the engine keeps polling its inbox after the last post, and at
+ * most in one turn. */
 #define AB__SPIN_NS 50000u
+#define AB__TURN_NS 1000000u
 #if defined(__x86_64__) || defined(__i386__)
 #define AB__CPU_RELAX() __builtin_ia32_pause()
 #else
@@ -156,7 +158,12 @@ on_cancel(ab_op *op)
     op->cancelled = 1;
     switch (op->wait) {
     case AB__WAIT_EVENT:
-        event_del(&op->ev);
+        event_free(op->ev);
+        op->ev = NULL;
+        resume(op, AB_EV_CANCEL);
+        break;
+    case AB__WAIT_TIMER:
+        ab__timer_remove(op);
         /* fallthrough */
     case AB__WAIT_CANCEL:
     case AB__WAIT_NONE:
@@ -259,14 +266,6 @@ drain_inbox(void)
     return 1;
 }
 
-static uint64_t
-now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static void
 on_wake(evutil_socket_t fd, short what, void *arg)
 {
@@ -289,13 +288,18 @@ on_wake(evutil_socket_t fd, short what, void *arg)
      * `awake` set, so that the rest of the burst costs no write and no
      * wake-up.  Timers wait at most that long. */
     atomic_store(&E.awake, 1);
-    uint64_t until = now_ns() + AB__SPIN_NS;
+    uint64_t start = ab__now_ns(), until = start + AB__SPIN_NS;
     for (;;) {
+        /* Back to libevent now and then, so timers and fds never starve
+         * under a steady stream of posts. */
+        uint64_t now = ab__now_ns();
+        if (now - start >= AB__TURN_NS)
+            break;
         if (drain_inbox()) {
-            until = now_ns() + AB__SPIN_NS;
+            until = ab__now_ns() + AB__SPIN_NS;
             continue;
         }
-        if (now_ns() >= until || atomic_load(&E.park_asked) || atomic_load(&E.stop_asked))
+        if (now >= until || atomic_load(&E.park_asked) || atomic_load(&E.stop_asked))
             break;
         for (int i = 0; i < 64; i++)
             AB__CPU_RELAX();
@@ -365,6 +369,7 @@ engine_main(void *arg)
     return NULL;
 }
 
+static void on_timer_due(ab_op *op);
 static void atfork_prepare(void);
 static void atfork_parent(void);
 static void atfork_child(void);
@@ -400,7 +405,7 @@ start_locked(void)
     if (E.base == NULL)
         return -ENOMEM;
     event_assign(&E.wake_ev, E.base, E.wake_fd, EV_READ | EV_PERSIST, on_wake, NULL);
-    if (event_add(&E.wake_ev, NULL) < 0) {
+    if (ab__timers_start(E.base, on_timer_due) < 0 || event_add(&E.wake_ev, NULL) < 0) {
         rc = -EIO;
         goto fail_base;
     }
@@ -418,6 +423,7 @@ start_locked(void)
         wake_engine();
     return 0;
 fail_base:
+    ab__timers_stop();
     event_base_free(E.base);
     E.base = NULL;
     return rc;
@@ -447,7 +453,10 @@ ab_engine_stop(void)
         /* Ops still in flight keep their events in the base: leave it. */
         if (atomic_load(&S.in_flight) == 0) {
             event_del(&E.wake_ev);
+            ab__timers_stop();
             event_base_free(E.base);
+        } else {
+            ab__timers_forget();
         }
         E.base = NULL;
         drop_inbox();
@@ -502,6 +511,7 @@ atfork_child(void)
     atomic_store(&E.park_asked, 0);
     E.running = 0;
     E.base = NULL;
+    ab__timers_forget();
     E.wake_fd = -1; /* the inherited copy stays open: a stale post may hit it */
     __atomic_store_n(&E.inbox, NULL, __ATOMIC_RELEASE);
     pthread_mutex_init(&E.start_mu, NULL);
@@ -578,17 +588,23 @@ on_event(evutil_socket_t fd, short what, void *arg)
         why |= AB_EV_READ;
     if (what & EV_WRITE)
         why |= AB_EV_WRITE;
+    event_free(op->ev); /* one-shot, done: the step may arm another */
+    op->ev = NULL;
     resume(op, why);
+}
+
+static void
+on_timer_due(ab_op *op)
+{
+    resume(op, AB_EV_TIMER);
 }
 
 static struct timeval
 to_timeval(double seconds)
 {
     struct timeval tv;
-    if (seconds < 0 || isnan(seconds))
-        seconds = 0;
     tv.tv_sec = (time_t)seconds;
-    /* Round up: a timer may fire late, never early. */
+    /* Round up: a timeout may fire late, never early. */
     tv.tv_usec = (suseconds_t)ceil((seconds - (double)tv.tv_sec) * 1e6);
     if (tv.tv_usec >= 1000000) {
         tv.tv_sec++;
@@ -597,32 +613,19 @@ to_timeval(double seconds)
     return tv;
 }
 
-static int
-arm(ab_op *op, int fd, short what, double timeout)
-{
-    int use_timeout = timeout >= 0 && timeout <= AB__TIMER_MAX;
-    struct timeval tv = to_timeval(timeout);
-    if (!use_timeout && fd < 0)
-        return ab_await_cancel(op);
-    /* The cached time is from the start of this loop turn: refresh it so a
-     * timer never fires early. */
-    event_base_update_cache_time(E.base);
-    event_assign(&op->ev, E.base, fd, what, on_event, op);
-    errno = 0;
-    if (event_add(&op->ev, use_timeout ? &tv : NULL) < 0)
-        return errno > 0 ? -errno : -EIO;
-    op->wait = AB__WAIT_EVENT;
-    return 0;
-}
-
 int
 ab_await_timer(ab_op *op, double seconds)
 {
     if (isnan(seconds))
         return -EINVAL;
+    if (seconds > AB__TIMER_MAX)
+        return ab_await_cancel(op);
     if (seconds < 0)
         seconds = 0;
-    return arm(op, -1, 0, seconds);
+    int rc = ab__timer_add(op, ab__now_ns() + (uint64_t)ceil(seconds * 1e9));
+    if (rc == 0)
+        op->wait = AB__WAIT_TIMER;
+    return rc;
 }
 
 int
@@ -641,9 +644,22 @@ ab_await_fd(ab_op *op, int fd, unsigned events, double timeout)
         return -EINVAL;
     if (fcntl(fd, F_GETFD) < 0)
         return -errno;
-    if (isinf(timeout))
-        timeout = -1;
-    return arm(op, fd, what, timeout);
+    int use_timeout = timeout >= 0 && timeout <= AB__TIMER_MAX;
+    struct timeval tv = to_timeval(use_timeout ? timeout : 0);
+    /* libevent's cached time is from the start of this loop turn. */
+    event_base_update_cache_time(E.base);
+    op->ev = event_new(E.base, fd, what, on_event, op);
+    if (op->ev == NULL)
+        return -ENOMEM;
+    errno = 0;
+    if (event_add(op->ev, use_timeout ? &tv : NULL) < 0) {
+        int err = errno > 0 ? -errno : -EIO;
+        event_free(op->ev);
+        op->ev = NULL;
+        return err;
+    }
+    op->wait = AB__WAIT_EVENT;
+    return 0;
 }
 
 int

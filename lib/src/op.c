@@ -40,7 +40,6 @@ ab_op_new(const ab_op_type *type)
         return NULL;
     op->type = type;
     atomic_init(&op->refs, 1);
-    op->python_slot = -1;
     return op;
 }
 
