@@ -29,6 +29,7 @@ static const AsyncioBridge_CAPI capi = {
     .await_work = ab_await_work,
     .await_python = ab_await_python,
     .await_cancel = ab_await_cancel,
+    .op_type_of = ab_op_type_of,
     .py_keep = abpy_keep,
     .py_kept = abpy_kept,
     .py_keep_buffer = abpy_keep_buffer,

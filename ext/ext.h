@@ -82,6 +82,7 @@ typedef struct {
     PyObject *cancelled_error;
     PyObject *invalid_state_error;
     PyObject *future_type;        /* asyncio.Future */
+    PyObject *ensure_future;      /* asyncio.ensure_future */
     PyObject *base_create_future; /* asyncio.BaseEventLoop.create_future */
     PyObject *kw_loop;            /* ("loop",) */
     PyObject *str_holder_key;     /* see running_loop() in bridge.c */

@@ -158,7 +158,8 @@ module_exec(PyObject *module)
     if ((st->get_running_loop = import_attr("asyncio", "get_running_loop")) == NULL ||
         (st->cancelled_error = import_attr("asyncio", "CancelledError")) == NULL ||
         (st->invalid_state_error = import_attr("asyncio", "InvalidStateError")) == NULL ||
-        (st->future_type = import_attr("asyncio", "Future")) == NULL)
+        (st->future_type = import_attr("asyncio", "Future")) == NULL ||
+        (st->ensure_future = import_attr("asyncio", "ensure_future")) == NULL)
         return -1;
     PyObject *base_loop = import_attr("asyncio", "BaseEventLoop");
     if (base_loop == NULL)
@@ -209,6 +210,7 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->cancelled_error);
     Py_VISIT(st->invalid_state_error);
     Py_VISIT(st->future_type);
+    Py_VISIT(st->ensure_future);
     Py_VISIT(st->base_create_future);
     return 0;
 }
@@ -227,6 +229,7 @@ module_clear(PyObject *module)
     Py_CLEAR(st->cancelled_error);
     Py_CLEAR(st->invalid_state_error);
     Py_CLEAR(st->future_type);
+    Py_CLEAR(st->ensure_future);
     Py_CLEAR(st->base_create_future);
     Py_CLEAR(st->kw_loop);
     Py_CLEAR(st->str_create_future);

@@ -360,13 +360,18 @@ start_python(OpPy *py, ab_state *st, PyObject *callable)
         PyContext_Exit(py->context);
     if (coro == NULL)
         return NULL;
-    PyObject *create_task = PyObject_GetAttr(loop, st->str_create_task);
-    PyObject *kw = py->context != NULL ? Py_BuildValue("{s:O}", "context", py->context)
-                                       : PyDict_New();
-    if (create_task != NULL && kw != NULL)
-        task = PyObject_VectorcallDict(create_task, &coro, 1, kw);
-    Py_XDECREF(create_task);
-    Py_XDECREF(kw);
+    if (PyCoro_CheckExact(coro)) {
+        PyObject *create_task = PyObject_GetAttr(loop, st->str_create_task);
+        PyObject *kw = py->context != NULL ? Py_BuildValue("{s:O}", "context", py->context)
+                                           : PyDict_New();
+        if (create_task != NULL && kw != NULL)
+            task = PyObject_VectorcallDict(create_task, &coro, 1, kw);
+        Py_XDECREF(create_task);
+        Py_XDECREF(kw);
+    } else { /* a Future or another awaitable: asyncio.ensure_future(aw, loop=loop) */
+        PyObject *args[2] = {coro, loop};
+        task = PyObject_Vectorcall(st->ensure_future, args, 1, st->kw_loop);
+    }
     if (task == NULL) {
         /* not scheduled: close it rather than leave it "never awaited" */
         PyObject *exc = ab_err_take();

@@ -18,6 +18,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#ifndef ASYNCIO_BRIDGE_INTERNAL
+#define AB_NO_OWNER_API /* only what the capsule's table provides */
+#endif
 #include "ab.h"
 
 #ifdef __cplusplus
@@ -87,6 +90,7 @@ typedef struct AsyncioBridge_CAPI {
     int (*await_work)(ab_op *op, ab_work_fn fn);
     int (*await_python)(ab_op *op, int slot);
     int (*await_cancel)(ab_op *op);
+    const ab_op_type *(*op_type_of)(const ab_op *op);
     /* asyncio_bridge.h */
     int (*py_keep)(ab_op *op, PyObject *obj);
     PyObject *(*py_kept)(ab_op *op, int slot);
@@ -99,8 +103,21 @@ typedef struct AsyncioBridge_CAPI {
 } AsyncioBridge_CAPI;
 
 #ifndef ASYNCIO_BRIDGE_INTERNAL
-/* Outside the library every call goes through the capsule's table. */
+/* Outside the library every call goes through the capsule's table, found
+ * through one pointer.  By default it is static: use the API from one .c
+ * file.  An extension of several files defines ASYNCIO_BRIDGE_API_SYMBOL to
+ * a name of its own in all of them, and ASYNCIO_BRIDGE_API_DEFINE in the
+ * one file that calls AsyncioBridge_Import(). */
+#if defined(ASYNCIO_BRIDGE_API_SYMBOL)
+#define AsyncioBridge_API ASYNCIO_BRIDGE_API_SYMBOL
+#if defined(ASYNCIO_BRIDGE_API_DEFINE)
+const AsyncioBridge_CAPI *AsyncioBridge_API;
+#else
+extern const AsyncioBridge_CAPI *AsyncioBridge_API;
+#endif
+#else
 static const AsyncioBridge_CAPI *AsyncioBridge_API;
+#endif
 
 /* Call once from your module's init.  0 on success; -1 with ImportError
  * set if asyncio_bridge is missing or its C API version differs. */
@@ -148,6 +165,7 @@ AsyncioBridge_Import(void)
 #define ab_await_work (*AsyncioBridge_API->await_work)
 #define ab_await_python (*AsyncioBridge_API->await_python)
 #define ab_await_cancel (*AsyncioBridge_API->await_cancel)
+#define ab_op_type_of (*AsyncioBridge_API->op_type_of)
 #define abpy_keep (*AsyncioBridge_API->py_keep)
 #define abpy_kept (*AsyncioBridge_API->py_kept)
 #define abpy_keep_buffer (*AsyncioBridge_API->py_keep_buffer)

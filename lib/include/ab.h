@@ -97,6 +97,10 @@ typedef struct ab_op_type {
     /* For error codes <= AB_EUSER; NULL means a generic RuntimeError.  Sets
      * the exception and returns NULL. */
     struct _object *(*raise_error)(ab_op *op, int err);
+    /* Exactly once, when the op is freed, after to_python (if it ran): free
+     * what the state owns beyond cleanup, e.g. a result only to_python
+     * reads.  Any thread; no Python.  May be NULL. */
+    void (*dispose)(ab_op *op);
 } ab_op_type;
 
 /* ---- ops: creating, inspecting ---------------------------------------- */
@@ -121,18 +125,6 @@ int ab_op_cancelled(const ab_op *op);
 int ab_op_error(const ab_op *op);
 /* Optional message for the error, or NULL. */
 const char *ab_op_error_message(const ab_op *op);
-ab_result_kind ab_op_result_kind(const ab_op *op);
-int64_t ab_op_result_int(const ab_op *op);
-double ab_op_result_float(const ab_op *op);
-const void *ab_op_result_data(const ab_op *op, size_t *len);
-/* The owner's area of an op: ab_set_owner_size bytes, zeroed, allocated
- * with it (the extension keeps an op's Python side there).  Set the size
- * once, before the first op. */
-void ab_set_owner_size(size_t size);
-void *ab_op_owner(ab_op *op);
-/* Called with each op just before it is freed, on the releasing thread,
- * so that the owner can drop what it keeps for the op.  Set once. */
-void ab_set_release_hook(void (*hook)(ab_op *op));
 
 /* ---- inside a step: finishing ------------------------------------------ */
 /* Each returns AB_DONE so that a step can `return ab_return_int(op, 3);`. */
@@ -167,8 +159,10 @@ int ab_await_fd(ab_op *op, int fd, unsigned events, double timeout);
  * state stays valid while fn runs). */
 int ab_await_work(ab_op *op, ab_work_fn fn);
 /* Ask the owner to call the Python object kept in `slot` with no
- * arguments and await what it returns; resumes with AB_EV_PYTHON.
- * ab_op_python_failed() tells whether it raised. */
+ * arguments and await what it returns (a coroutine, a Future or any
+ * awaitable), on the op's loop, in the contextvars context of the op's
+ * first send (the type needs AB_TYPE_AWAITS_PYTHON); resumes with
+ * AB_EV_PYTHON.  ab_op_python_failed() tells whether it raised. */
 int ab_await_python(ab_op *op, int slot);
 int ab_op_python_failed(const ab_op *op);
 /* Wait for nothing: only cancellation resumes the op. */
@@ -211,6 +205,26 @@ int ab_await_cancel(ab_op *op);
 #define AB_END(op)                                                            \
     }                                                                         \
     return ab_fail((op), AB_ESTATE)
+
+/* ========================================================================
+ * The owner's side: what asyncio_bridge's extension (and the C tests) use
+ * to run ops.  Not part of the C API that other extensions import through
+ * the capsule (asyncio_bridge.h hides it from them).
+ * ======================================================================== */
+#ifndef AB_NO_OWNER_API
+
+ab_result_kind ab_op_result_kind(const ab_op *op);
+int64_t ab_op_result_int(const ab_op *op);
+double ab_op_result_float(const ab_op *op);
+const void *ab_op_result_data(const ab_op *op, size_t *len);
+/* The owner's area of an op: ab_set_owner_size bytes, zeroed, allocated
+ * with it (the extension keeps an op's Python side there).  Set the size
+ * once, before the first op. */
+void ab_set_owner_size(size_t size);
+void *ab_op_owner(ab_op *op);
+/* Called with each op just before it is freed, on the releasing thread,
+ * so that the owner can drop what it keeps for the op.  Set once. */
+void ab_set_release_hook(void (*hook)(ab_op *op));
 
 /* ---- sinks: where finished ops go --------------------------------------- */
 
@@ -281,6 +295,8 @@ typedef struct ab_stats {
 void ab_stats_get(ab_stats *out);
 /* Owner thread: record the size of one drained batch. */
 void ab_stats_batch(uint64_t n);
+
+#endif /* AB_NO_OWNER_API */
 
 #ifdef __cplusplus
 }

@@ -88,6 +88,8 @@ ab_op_release(ab_op *op)
     ab__op_finish_cleanup(op);
     if (release_hook != NULL)
         release_hook(op);
+    if (op->type->dispose != NULL)
+        op->type->dispose(op);
     free_result(op);
     free(op->error_message);
     free(op);
