@@ -91,8 +91,13 @@ ab_bridge_track(BridgeObject *b, OpPy *op)
     op->prev = head;
     head->next->prev = op;
     head->next = op;
-    if (b->in_flight++ == 0)
-        atomic_fetch_add(&C.busy_bridges, 1);
+    if (b->in_flight++ == 0 && atomic_fetch_add(&C.busy_bridges, 1) == 0) {
+        /* The courier may sleep without a timeout while nothing is in
+         * flight: it has closed loops to look for again. */
+        pthread_mutex_lock(&C.mu);
+        pthread_cond_signal(&C.cv);
+        pthread_mutex_unlock(&C.mu);
+    }
 }
 
 void

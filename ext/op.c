@@ -455,17 +455,35 @@ ab_op_abort(OpPy *py, ab_state *st)
     }
 }
 
+/* The interpreter is exiting and the engine is stopped (a loop in a daemon
+ * thread still runs): the op waits on a Future nothing resolves, as
+ * everything in flight does now, rather than raise into that thread. */
+static PySendResult
+pending_forever(OpObject *self, ab_state *st, PyObject **presult)
+{
+    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
+    if (loop == NULL)
+        return PYGEN_ERROR;
+    PyObject *fut = PyObject_CallMethodNoArgs(loop, st->str_create_future);
+    Py_DECREF(loop);
+    if (fut == NULL || PyObject_SetAttr(fut, st->str_blocking, Py_True) < 0) {
+        Py_XDECREF(fut);
+        return PYGEN_ERROR;
+    }
+    self->py->future = Py_NewRef(fut);
+    self->phase = OP_WAITING;
+    *presult = fut;
+    return PYGEN_NEXT;
+}
+
 static PySendResult
 op_start(OpObject *self, ab_state *st, PyObject **presult)
 {
     OpPy *py = self->py;
     PyObject *loop = NULL, *fut = NULL;
     self->phase = OP_DONE; /* unless it starts */
-    if (st->shut_down) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "asyncio_bridge is shut down (the interpreter is exiting)");
-        return PYGEN_ERROR;
-    }
+    if (st->shut_down)
+        return pending_forever(self, st, presult);
     BridgeObject *b = ab_bridge_for_running_loop(st, &loop);
     if (b == NULL)
         return PYGEN_ERROR;

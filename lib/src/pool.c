@@ -7,7 +7,12 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+
+/* How much lower than the process the workers run (nice levels). */
+#define AB__WORKER_NICE 10
 
 #include "ab-internal.h"
 
@@ -36,6 +41,12 @@ static void *
 worker_main(void *arg)
 {
     (void)arg;
+#ifdef __linux__
+    /* A worker yields the CPU to the threads that run event loops: with
+     * every core busy in the pool, a loop still wakes up on time.  On
+     * Linux, nice is per thread. */
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), AB__WORKER_NICE);
+#endif
     pthread_mutex_lock(&P.mu);
     for (;;) {
         while (P.head == NULL && !P.stopping && P.threads <= wanted())
