@@ -309,6 +309,7 @@ static void *
 courier_main(void *arg)
 {
     (void)arg;
+    pthread_setname_np(pthread_self(), "ab-courier");
     PyGILState_STATE g = PyGILState_Ensure();
     PyThreadState *ts = PyEval_SaveThread();
     struct timespec next_poll;

@@ -25,6 +25,7 @@ typedef struct OpPy {
     OpObject *obj;          /* borrowed; NULL once the Op object is gone */
     BridgeObject *bridge;   /* while in flight (strong) */
     PyObject *future;
+    PyObject *iter;         /* the Future's own iterator, awaited */
     PyObject *context;      /* contextvars context of the first send */
     PyObject *task;         /* the Python awaitable run for ab_await_python */
     PyObject *outcome;      /* its result or exception */
@@ -89,7 +90,7 @@ typedef struct {
     PyTypeObject *holder_type;    /* borrowed: CPython's, lives forever */
     unsigned holder_generation;
     PyObject *str_create_future, *str_set_result, *str_set_exception, *str_done,
-        *str_cancel, *str_result, *str_blocking, *str_call_soon_threadsafe, *str_drain,
+        *str_cancel, *str_result, *str_call_soon_threadsafe, *str_drain,
         *str_is_closed, *str_create_task, *str_add_done_callback, *str_exception,
         *str_cancelled;
     PyObject *last_loop;      /* borrowed cache of the last lookup */

@@ -176,7 +176,6 @@ module_exec(PyObject *module)
     INTERN(str_cancelled, "cancelled");
     INTERN(str_result, "result");
     INTERN(str_exception, "exception");
-    INTERN(str_blocking, "_asyncio_future_blocking");
     INTERN(str_call_soon_threadsafe, "call_soon_threadsafe");
     INTERN(str_drain, "drain");
     INTERN(str_is_closed, "is_closed");
@@ -240,7 +239,6 @@ module_clear(PyObject *module)
     Py_CLEAR(st->str_cancelled);
     Py_CLEAR(st->str_result);
     Py_CLEAR(st->str_exception);
-    Py_CLEAR(st->str_blocking);
     Py_CLEAR(st->str_call_soon_threadsafe);
     Py_CLEAR(st->str_drain);
     Py_CLEAR(st->str_is_closed);

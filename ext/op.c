@@ -100,6 +100,7 @@ abpy_wrap(ab_op *op)
 static void
 py_clear(OpPy *py)
 {
+    Py_CLEAR(py->iter);
     Py_CLEAR(py->future);
     Py_CLEAR(py->context);
     Py_CLEAR(py->task);
@@ -236,6 +237,19 @@ future_done(ab_state *st, PyObject *fut)
 /* fut.set_result(value) or set_exception(exc), unless the Future was
  * cancelled meanwhile (decided here, on the loop thread, where nothing can
  * change it between the look and the call). */
+/* For error paths: whether fut is done, with any exception kept. */
+static int
+future_is_done(PyObject *fut)
+{
+    PyObject *exc = ab_err_take();
+    PyObject *r = PyObject_CallMethod(fut, "done", NULL);
+    int done = r != NULL && PyObject_IsTrue(r) > 0;
+    Py_XDECREF(r);
+    PyErr_Clear();
+    ab_err_raise(exc);
+    return done;
+}
+
 static int
 settle_call(ab_state *st, PyObject *fut, PyObject *method, PyObject *arg)
 {
@@ -455,6 +469,33 @@ ab_op_abort(OpPy *py, ab_state *st)
     }
 }
 
+/* Await fut through its own iterator, as `await fut` does: the first step
+ * marks it blocking and yields it (*presult, new reference); resuming the
+ * iterator later returns its result or raises, with no method calls. */
+static int
+first_wait(OpPy *py, PyObject *fut, PyObject **presult)
+{
+    PyAsyncMethods *am = Py_TYPE(fut)->tp_as_async;
+    if (am == NULL || am->am_await == NULL) {
+        PyErr_Format(PyExc_TypeError, "create_future() returned a non-awaitable %.100s",
+                     Py_TYPE(fut)->tp_name);
+        return -1;
+    }
+    PyObject *it = am->am_await(fut);
+    if (it == NULL)
+        return -1;
+    if (PyIter_Send(it, Py_None, presult) != PYGEN_NEXT) {
+        Py_XDECREF(*presult);
+        *presult = NULL;
+        Py_DECREF(it);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "create_future() returned a finished Future");
+        return -1;
+    }
+    py->iter = it;
+    return 0;
+}
+
 /* The interpreter is exiting and the engine is stopped (a loop in a daemon
  * thread still runs): the op waits on a Future nothing resolves, as
  * everything in flight does now, rather than raise into that thread. */
@@ -466,13 +507,12 @@ pending_forever(OpObject *self, ab_state *st, PyObject **presult)
         return PYGEN_ERROR;
     PyObject *fut = PyObject_CallMethodNoArgs(loop, st->str_create_future);
     Py_DECREF(loop);
-    if (fut == NULL || PyObject_SetAttr(fut, st->str_blocking, Py_True) < 0) {
+    if (fut == NULL || first_wait(self->py, fut, presult) < 0) {
         Py_XDECREF(fut);
         return PYGEN_ERROR;
     }
-    self->py->future = Py_NewRef(fut);
+    self->py->future = fut;
     self->phase = OP_WAITING;
-    *presult = fut;
     return PYGEN_NEXT;
 }
 
@@ -495,18 +535,19 @@ op_start(OpObject *self, ab_state *st, PyObject **presult)
     if ((ab_op_type_of(self->op)->flags & AB_TYPE_AWAITS_PYTHON) &&
         (py->context = PyContext_CopyCurrent()) == NULL)
         goto fail;
-    if (PyObject_SetAttr(fut, st->str_blocking, Py_True) < 0)
+    if (first_wait(py, fut, presult) < 0)
         goto fail;
     int rc = ab_submit(self->op, &b->native->sink);
     if (rc < 0) {
         abpy_raise(rc, "cannot start the engine");
+        Py_CLEAR(*presult);
+        Py_CLEAR(py->iter);
         goto fail;
     }
-    py->future = Py_NewRef(fut);
+    py->future = fut;
     py->bridge = (BridgeObject *)Py_NewRef(b);
     ab_bridge_track(b, py);
     self->phase = OP_WAITING;
-    *presult = fut;
     return PYGEN_NEXT;
 fail:
     Py_DECREF(fut);
@@ -514,20 +555,22 @@ fail:
 }
 
 static PySendResult
-op_resume(OpObject *self, ab_state *st, PyObject **presult)
+op_resume(OpObject *self, PyObject **presult)
 {
-    PyObject *fut = self->py->future;
-    *presult = PyObject_CallMethodNoArgs(fut, st->str_result);
-    if (*presult == NULL && PyErr_ExceptionMatches(st->invalid_state_error)) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "await wasn't used with future (an Op was resumed before its "
-                        "result arrived)");
+    OpPy *py = self->py;
+    PySendResult r = PyIter_Send(py->iter, Py_None, presult);
+    if (r == PYGEN_NEXT) { /* a Future-like that yields twice: not asyncio's */
+        Py_CLEAR(*presult);
+        PyErr_SetString(PyExc_RuntimeError, "await wasn't used with future");
         return PYGEN_ERROR;
     }
+    if (r == PYGEN_ERROR && PyErr_ExceptionMatches(PyExc_RuntimeError) &&
+        !future_is_done(py->future))
+        return PYGEN_ERROR; /* resumed early: the op is still waiting */
     self->phase = OP_DONE;
-    self->py->future = NULL;
-    Py_DECREF(fut);
-    return *presult == NULL ? PYGEN_ERROR : PYGEN_RETURN;
+    Py_CLEAR(py->iter);
+    Py_CLEAR(py->future);
+    return r;
 }
 
 static PySendResult
@@ -544,7 +587,7 @@ op_am_send(OpObject *self, PyObject *arg, PyObject **presult)
         }
         return op_start(self, st, presult);
     case OP_WAITING:
-        return op_resume(self, st, presult);
+        return op_resume(self, presult);
     default:
         PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
         return PYGEN_ERROR;
@@ -708,6 +751,7 @@ op_traverse(OpObject *self, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(self));
     if (py->bridge != NULL)
         return 0; /* in flight: the engine's references are roots */
+    Py_VISIT(py->iter);
     Py_VISIT(py->future);
     Py_VISIT(py->context);
     Py_VISIT(py->task);

@@ -54,9 +54,12 @@ static struct engine {
     .park_cv = PTHREAD_COND_INITIALIZER,
 };
 
+/* Counters grouped by the thread that writes them, a cache line each, so
+ * that the loop thread and the engine do not bounce one line per op. */
 static struct {
-    atomic_uint_fast64_t submitted, completed, cancelled, in_flight;
-    atomic_uint_fast64_t engine_wakeups, sink_wakeups, largest_batch;
+    _Alignas(64) atomic_uint_fast64_t submitted, in_flight, largest_batch; /* owners */
+    _Alignas(64) atomic_uint_fast64_t completed, cancelled, sink_wakeups;  /* engine */
+    _Alignas(64) atomic_uint_fast64_t engine_wakeups;                     /* posters */
 } S;
 
 static atomic_uint generation;
@@ -365,6 +368,7 @@ static void *
 engine_main(void *arg)
 {
     (void)arg;
+    pthread_setname_np(pthread_self(), "ab-engine");
     event_base_loop(E.base, EVLOOP_NO_EXIT_ON_EMPTY);
     return NULL;
 }

@@ -41,6 +41,7 @@ static void *
 worker_main(void *arg)
 {
     (void)arg;
+    pthread_setname_np(pthread_self(), "ab-worker");
 #ifdef __linux__
     /* A worker yields the CPU to the threads that run event loops: with
      * every core busy in the pool, a loop still wakes up on time.  On
