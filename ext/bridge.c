@@ -45,6 +45,7 @@ courier_enqueue(bridge_native *n)
 {
     if (atomic_exchange(&n->queued, 1))
         return;
+    atomic_fetch_add(&n->refs, 1); /* the courier's list holds n */
     pthread_mutex_lock(&C.mu);
     n->courier_next = C.wake_list;
     C.wake_list = n;
@@ -71,14 +72,23 @@ notify_reader(ab_sink *sink)
         ;
 }
 
+/* n is freed once neither its bridge (through the engine's retire, after
+ * the last notify) nor the courier's list holds it.  Any thread. */
+static void
+native_unref(bridge_native *n)
+{
+    if (atomic_fetch_sub(&n->refs, 1) != 1)
+        return;
+    if (n->efd >= 0 && n->close_efd)
+        close(n->efd);
+    free(n);
+}
+
 /* Runs on the engine thread once no notify can touch n any more. */
 static void
 native_free(ab_sink *sink)
 {
-    bridge_native *n = sink->user;
-    if (n->efd >= 0)
-        close(n->efd);
-    free(n);
+    native_unref(sink->user);
 }
 
 /* ---- the bridge's list of ops in flight -------------------------------------- */
@@ -150,13 +160,17 @@ unregister(BridgeObject *b)
     b->native = NULL;
     if (n != NULL) {
         n->obj = NULL;
-        if (b->generation == ab_fork_generation())
+        if (b->generation == ab_fork_generation()) {
             ab_sink_retire(&n->sink, native_free);
-        /* else: inherited across fork; its eventfd may still be registered
-         * with the loop's selector, shared with the parent.  Leave it. */
+        } else {
+            /* Inherited across fork: its eventfd may still be registered
+             * with the loop's selector, shared with the parent; leave it
+             * open.  No engine of this process ever notifies it. */
+            n->close_efd = 0;
+            native_unref(n);
+        }
     }
     Py_CLEAR(b->drain);
-    Py_CLEAR(b->wake);
     Py_CLEAR(b->loop_ref); /* may hold the last reference to b */
 }
 
@@ -230,14 +244,16 @@ loop_is_closed(BridgeObject *b)
 static void
 poll_one(BridgeObject *b)
 {
+    /* Every call into Python (is_closed, releasing ops) may collect the
+     * loop, whose weakref callback unregisters b: look again after each. */
     if (b->native == NULL)
         return;
     if (!atomic_load(&b->native->dead) && b->in_flight > 0 && loop_is_closed(b))
         kill_bridge(b);
-    if (!atomic_load(&b->native->dead))
+    if (b->native == NULL || !atomic_load(&b->native->dead))
         return;
     drain_dead(b);
-    if (b->in_flight > 0)
+    if (b->native == NULL || b->in_flight > 0)
         return;
     PyObject *loop = b->loop_ref ? PyWeakref_GetObject(b->loop_ref) : Py_None;
     if (loop != Py_None) {
@@ -277,9 +293,20 @@ wake_bridge(BridgeObject *b)
         drain_dead(b);
         return;
     }
-    PyObject *r = PyObject_CallOneArg(b->wake, b->drain);
+    /* The loop through the weak reference: a bridge never keeps its loop
+     * alive (a bound call_soon_threadsafe would). */
+    PyObject *loop = PyWeakref_GetObject(b->loop_ref);
+    if (loop == Py_None) {
+        kill_bridge(b);
+        return;
+    }
+    Py_INCREF(b);
+    Py_INCREF(loop);
+    PyObject *r = PyObject_CallMethodOneArg(loop, bstate(b)->str_call_soon_threadsafe, b->drain);
+    Py_DECREF(loop);
     if (r != NULL) {
         Py_DECREF(r);
+        Py_DECREF(b);
         return;
     }
     /* call_soon_threadsafe refuses only a closed loop; closing is final. */
@@ -287,10 +314,11 @@ wake_bridge(BridgeObject *b)
     if (PyErr_GivenExceptionMatches(exc, PyExc_RuntimeError) && loop_is_closed(b)) {
         Py_DECREF(exc);
         kill_bridge(b);
-        return;
+    } else {
+        ab_err_raise(exc);
+        PyErr_WriteUnraisable((PyObject *)b);
     }
-    ab_err_raise(exc);
-    PyErr_WriteUnraisable(b->wake);
+    Py_DECREF(b);
 }
 
 /* ---- the courier thread ------------------------------------------------------------- */
@@ -346,6 +374,7 @@ courier_main(void *arg)
             atomic_store(&n->queued, 0);
             if (n->obj != NULL)
                 wake_bridge(n->obj);
+            native_unref(n);
         }
         if (poll) {
             poll_bridges();
@@ -478,9 +507,10 @@ use_reader(BridgeObject *b, ab_state *st, PyObject *loop)
 static int
 use_courier(BridgeObject *b, ab_state *st, PyObject *loop)
 {
-    b->wake = PyObject_GetAttr(loop, st->str_call_soon_threadsafe);
-    if (b->wake == NULL)
+    PyObject *cst = PyObject_GetAttr(loop, st->str_call_soon_threadsafe);
+    if (cst == NULL)
         return -1;
+    Py_DECREF(cst);
     ab_sink_init(&b->native->sink, notify_courier, b->native);
     b->delivery = DELIVERY_CST;
     return 0;
@@ -508,7 +538,7 @@ bridge_new(ab_state *st, PyObject *loop)
     if (b == NULL)
         return NULL;
     b->native = calloc(1, sizeof(*b->native));
-    b->loop_ref = b->wake = b->drain = NULL;
+    b->loop_ref = b->drain = NULL;
     b->direct_futures = 0;
     b->in_flight = 0;
     b->ops.prev = b->ops.next = &b->ops;
@@ -521,6 +551,8 @@ bridge_new(ab_state *st, PyObject *loop)
         goto fail;
     }
     b->native->efd = -1;
+    b->native->close_efd = 1;
+    atomic_init(&b->native->refs, 1); /* the bridge's, dropped by the engine's retire */
     b->native->obj = b;
     PyObject *cb = PyCFunction_New(&loop_gone_def, (PyObject *)b);
     if (cb == NULL)
@@ -757,7 +789,6 @@ bridge_traverse(BridgeObject *b, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(b));
     Py_VISIT(b->loop_ref);
-    Py_VISIT(b->wake);
     Py_VISIT(b->drain);
     return 0;
 }

@@ -53,6 +53,8 @@ typedef struct bridge_native {
     int efd;             /* add_reader delivery: the eventfd; else -1 */
     atomic_int dead;     /* loop closed or gone: the courier drains */
     atomic_int queued;   /* on the courier's list */
+    atomic_int refs;     /* the bridge's, and the courier list's */
+    int close_efd;
     struct bridge_native *courier_next;
     BridgeObject *obj;   /* borrowed; cleared when the object goes */
 } bridge_native;
@@ -61,7 +63,6 @@ struct BridgeObject {
     PyObject_HEAD
     bridge_native *native;
     PyObject *loop_ref;  /* weakref to the loop */
-    PyObject *wake;      /* cst: loop.call_soon_threadsafe */
     PyObject *drain;     /* bound self.drain */
     /* The loop's create_future() is asyncio's own: make the Futures
      * directly, as Future(loop=loop), and skip a Python frame per op. */

@@ -81,7 +81,7 @@ step_pyasan() {
     ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0" \
     ABR_SANITIZER=asan \
     "$venv/bin/python" -m pytest -q -p no:cacheprovider -c "$ROOT/pyproject.toml" \
-      --rootdir "$ROOT" ${ABR_SAN_PYTEST_ARGS:-$ROOT/tests} -x)
+      --rootdir "$ROOT" ${ABR_SAN_PYTEST_ARGS:-$ROOT/tests})
 }
 
 steps=("$@")

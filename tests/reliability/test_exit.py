@@ -1,0 +1,96 @@
+"""Scenario 3: interpreter exit with work in flight.
+
+Each run is a fresh interpreter, timed from spawn to exit.  Modes:
+
+  pending     10,000 ops started (sleeps of 60 s and inf, fd waits that
+              never fire, 1,000 each of sleep, nop, ...) and the interpreter
+              exits with all of them in flight, the loop neither stopped nor
+              closed (sys.exit from a loop callback)
+  delivering  a stream of nops, 1,000 in flight at any moment, each finished
+              one starting the next; sys.exit from a loop callback at a
+              random moment, while the engine completes and the bridge
+              delivers
+  thread      the same stream on a loop in a daemon thread; the main thread
+              returns at a random moment, so the atexit hook and
+              finalization run while that thread is delivering (it stops at
+              the documented RuntimeError of an op started after shutdown)
+
+Ops are driven by hand (op.send(None), then send again from a done
+callback) rather than by tasks: asyncio prints "Task was destroyed but it is
+pending!" for a pending task collected at exit, for asyncio.sleep as well;
+without tasks, stderr is the library's alone.
+
+Pass: exit code 0, empty stderr, each run under 2 s.
+"""
+
+import concurrent.futures
+
+import pytest
+
+from .conftest import count
+
+SCENARIO = (3, "Interpreter exit with work in flight")
+
+SOURCE = """
+MODE = sys.argv[2]
+rng = random.Random(int(sys.argv[3]))
+a, b = socket.socketpair()
+keep = []
+
+def pump(loop, value):
+    try:
+        op = ab.nop(value)
+        fut = op.send(None)
+    except RuntimeError:
+        return  # shut down: the interpreter is exiting
+    def next_one(f):
+        try:
+            op.send(None)
+        except StopIteration as stop:
+            assert stop.value == value
+        pump(loop, value + 1)
+    fut.add_done_callback(next_one)
+
+def start_pending(loop):
+    makers = [lambda i: ab.sleep(60, result=i), lambda i: ab.sleep(float("inf")),
+              lambda i: ab.wait_readable(a), lambda i: ab.wait_writable(b, timeout=60),
+              lambda i: ab.sleep(rng.uniform(0.0, 0.5))]
+    for i in range(10000):
+        op = makers[i % len(makers)](i)
+        keep.append((op, op.send(None)))
+    loop.call_later(rng.uniform(0.0, 0.02), sys.exit, 0)
+
+def start_stream(loop):
+    for i in range(1000):
+        pump(loop, i * 1000000)
+
+if MODE == "thread":
+    loop = new_loop()
+    threading.Thread(target=lambda: (loop.call_soon(start_stream, loop), loop.run_forever()),
+                     daemon=True).start()
+    time.sleep(rng.uniform(0.02, 0.1))
+else:
+    loop = new_loop()
+    loop.call_soon(start_pending if MODE == "pending" else start_stream, loop)
+    if MODE == "delivering":
+        loop.call_later(rng.uniform(0.01, 0.1), sys.exit, 0)
+    loop.run_forever()
+"""
+
+
+@pytest.mark.parametrize("mode", ["pending", "delivering", "thread"])
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_exit(loop_name, mode, script, run_script, figure):
+    runs = count(10, 200)
+    path = script(SOURCE)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda seed: run_script(path, loop_name, mode, seed, timeout=20),
+                              range(runs)))
+    bad = [(p.returncode, p.stderr[-500:]) for p in procs if p.returncode or p.stderr]
+    slow = sorted(round(p.wall, 2) for p in procs if p.wall >= 2.0)
+    worst = max(p.wall for p in procs)
+    figure(f"{mode}: {runs} runs; failed (exit code or stderr) {len(bad)}, "
+           f"over 2 s {len(slow)}, slowest {worst:.2f} s",
+           runs=runs, failed=len(bad), slow=len(slow), slowest=round(worst, 3))
+    assert not bad, f"{len(bad)} runs failed; first: {bad[0]}"
+    assert not slow, f"runs over 2 s: {slow}"
