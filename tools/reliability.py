@@ -6,6 +6,7 @@ results table in docs/reliability.md.
     python tools/reliability.py --full     # the counts (ABR_FULL=1)
     python tools/reliability.py --no-dbg   # without the python3.11-dbg refcount run
     python tools/reliability.py -- -k fork # extra pytest arguments
+    python tools/reliability.py --build-dbg  # only make the debug venv; print its python
 
 With --dbg (the default) it first makes /tmp/abr-dbgvenv: a venv of
 Debian's debug interpreter python3.11-dbg with asyncio_bridge built for it
@@ -52,10 +53,10 @@ def build_dbg_venv():
     if not py.exists():
         subprocess.run([dbg, "-m", "venv", str(DBG_VENV)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", "meson-python", "meson", "ninja"],
-                       check=True)
+                       check=True, stdout=sys.stderr)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
                     "--force-reinstall", "--config-settings=build-dir=/tmp/abr-dbg-build",
-                    str(ROOT)], check=True)
+                    str(ROOT)], check=True, stdout=sys.stderr)
     return str(py)
 
 
@@ -129,8 +130,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the issue's full counts")
     ap.add_argument("--no-dbg", action="store_true", help="skip the python3.11-dbg refcount run")
+    ap.add_argument("--build-dbg", action="store_true",
+                    help="only build the debug-interpreter venv and print its python")
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args()
+    if args.build_dbg:
+        dbg = build_dbg_venv()
+        if dbg is None:
+            return 1
+        print(dbg)
+        return 0
     dbg = None if args.no_dbg else build_dbg_venv()
     rc, records, wall = run(args.full, dbg, args.pytest_args)
     write_doc(table(records, args.full, wall, rc))

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in libevent-dev pkg-config gcc zlib1g-dev; do
+for pkg in libevent-dev pkg-config gcc zlib1g-dev python3.11-dbg valgrind; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

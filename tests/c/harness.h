@@ -128,6 +128,7 @@ typedef struct th_sink {
     pthread_cond_t cv;
     int signaled;
     atomic_long notifies;
+    atomic_int retired;
     ab_op *batch; /* owner-local: the rest of a taken batch */
 } th_sink;
 
@@ -151,13 +152,35 @@ th_sink_init(th_sink *ts)
     ab_sink_init(&ts->sink, th_notify, ts);
 }
 
+/* Free a sink's resources; for a retire callback, where no notify can
+ * run any more. */
 static inline void
-th_sink_destroy(th_sink *ts)
+th_sink_free(th_sink *ts)
 {
     CHECK(ts->batch == NULL);
     CHECK(ab_sink_take(&ts->sink) == NULL);
     pthread_mutex_destroy(&ts->mu);
     pthread_cond_destroy(&ts->cv);
+}
+
+static void
+th_retired(ab_sink *sink)
+{
+    atomic_store(&((th_sink *)sink->user)->retired, 1);
+}
+
+/* The owner is done with the sink.  The engine may still be inside
+ * th_notify for the push that finished the last op: retire the sink (the
+ * engine answers once no notify can run) before destroying its mutex. */
+static inline void
+th_sink_destroy(th_sink *ts)
+{
+    ab_sink_retire(&ts->sink, th_retired);
+    for (int i = 0; !atomic_load(&ts->retired); i++) {
+        CHECK(i < 100000); /* 10 s */
+        th_sleep(0.0001);
+    }
+    th_sink_free(ts);
 }
 
 /* Wait until notified or the deadline passes; 0 if notified. */

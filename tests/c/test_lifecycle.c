@@ -100,7 +100,7 @@ free_sink(ab_sink *sink)
 {
     th_sink *ts = sink->user;
     freed_on = pthread_self();
-    th_sink_destroy(ts);
+    th_sink_free(ts);
     free(ts);
     atomic_fetch_add(&freed_sinks, 1);
 }
