@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Set up a fresh machine (Debian, Python >= 3.11): system packages, a venv
 # in .venv, and asyncio_bridge installed in it (editable) with its test
-# dependencies.  Safe to run again.
+# dependencies.  Safe to run again.  EXTRA_DEBIAN_PACKAGES adds packages
+# (tools/test.sh asks for the debug interpreter and valgrind).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in libevent-dev pkg-config gcc zlib1g-dev python3.11-dbg valgrind; do
+for pkg in libevent-dev pkg-config gcc zlib1g-dev ${EXTRA_DEBIAN_PACKAGES:-}; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -6,7 +6,7 @@
 # package, and the sanitizer runs (tools/sanitizers.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh
+EXTRA_DEBIAN_PACKAGES="python3.11-dbg valgrind" bash tools/setup.sh
 . .venv/bin/activate
 
 echo "== C tests of lib/ (meson test)"
