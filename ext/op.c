@@ -775,7 +775,8 @@ static void
 op_dealloc(OpObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
-    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0)
+    /* Only a never-awaited op has anything to finalize (its warning). */
+    if (self->phase == OP_INIT && PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0)
         return; /* resurrected */
     PyObject_GC_UnTrack(self);
     if (self->weakreflist != NULL)
