@@ -19,8 +19,10 @@ enum ab__wait {
     AB__WAIT_CANCEL, /* nothing but cancellation */
 };
 
-/* In ab_op.pending beside the AB_EV_* bits: the op is on the inbox. */
+/* In ab_op.pending beside the AB_EV_* bits: the op is on the inbox, and
+ * that inbox entry holds a reference of its own. */
 #define AB__QUEUED (1u << 31)
+#define AB__HOLDS_REF (1u << 30)
 /* Sent by ab_cancel before AB_EV_CANCEL reaches the engine. */
 #define AB__CANCEL_ASKED 1
 

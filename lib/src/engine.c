@@ -217,9 +217,15 @@ ab__engine_post(ab_op *op, unsigned bits)
     unsigned old = atomic_fetch_or(&op->pending, bits | AB__QUEUED);
     if (old & AB__QUEUED)
         return; /* already on the inbox: the engine will see the new bits */
-    /* The inbox holds a reference: a cancel may still be queued when the
-     * owner drops the op after its AB_MSG_FINISHED. */
-    atomic_fetch_add_explicit(&op->refs, 1, memory_order_relaxed);
+    /* An op waiting for its start, its pool function or its Python await
+     * cannot finish, so cannot be collected and freed, before the engine
+     * has taken this entry: the engine's own reference covers it.  A
+     * cancel can be posted after the op finished, and the owner may free
+     * it once its outcome is collected: that entry holds a reference. */
+    if (bits & AB_EV_CANCEL) {
+        atomic_fetch_add_explicit(&op->refs, 1, memory_order_relaxed);
+        atomic_fetch_or(&op->pending, AB__HOLDS_REF);
+    }
     ab_op *head = __atomic_load_n(&E.inbox, __ATOMIC_RELAXED);
     do {
         op->inbox_next = head;
@@ -264,11 +270,12 @@ drain_inbox(void)
         /* Read the link before clearing the bits: once they are clear a
          * poster may push the op again and rewrite it. */
         ab_op *op = fifo, *next = op->inbox_next;
-        unsigned ev = atomic_exchange(&op->pending, 0) & ~AB__QUEUED;
-        dispatch(op, ev);
+        unsigned ev = atomic_exchange(&op->pending, 0);
+        dispatch(op, ev & ~(AB__QUEUED | AB__HOLDS_REF));
         /* The owner cleared its data before letting go (ab_op_release), so a
          * last release here runs no Python. */
-        ab_op_release(op);
+        if (ev & AB__HOLDS_REF)
+            ab_op_release(op);
         fifo = next;
     }
     return 1;
@@ -348,13 +355,14 @@ drop_inbox(void)
     ab_op *op = __atomic_exchange_n(&E.inbox, NULL, __ATOMIC_SEQ_CST);
     while (op != NULL) {
         ab_op *next = op->inbox_next;
-        atomic_store(&op->pending, 0);
+        unsigned ev = atomic_exchange(&op->pending, 0);
+        if (ev & AB__HOLDS_REF)
+            ab_op_release(op);
         if (op->type == &retire_type && !op->finished) {
             retire_step(op);
             op->finished = 1;
-            ab_op_release(op); /* the engine-owned reference */
+            ab_op_release(op); /* the engine-owned reference: frees it */
         }
-        ab_op_release(op);
         op = next;
     }
 }
