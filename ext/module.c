@@ -44,11 +44,13 @@ py_configure(PyObject *module, PyObject *args, PyObject *kwargs)
                          Py_TYPE(workers)->tp_name);
             return NULL;
         }
-        long n = PyLong_AsLong(workers);
+        int overflow;
+        long n = PyLong_AsLongAndOverflow(workers, &overflow);
         if (n == -1 && PyErr_Occurred())
             return NULL;
-        if (n < 1 || n > 1024) {
-            PyErr_Format(PyExc_ValueError, "workers must be between 1 and 1024, not %ld", n);
+        if (overflow || n < 1 || n > 1024) {
+            PyErr_Format(PyExc_ValueError, "workers must be between 1 and 1024, not %R",
+                         workers);
             return NULL;
         }
         int rc = ab_pool_configure((int)n);
