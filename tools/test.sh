@@ -26,8 +26,8 @@ if [ -f examples/build_and_test.sh ]; then
   bash examples/build_and_test.sh
 fi
 
-echo "== Sanitizers: ASan+UBSan, TSan and valgrind on the C tests; the Python suite under ASan+UBSan"
-bash tools/sanitizers.sh
-
 echo "== Benchmark smoke run (figures printed, nothing asserted; the full run is bench/run.py without --quick)"
 python bench/run.py --quick --out "$(mktemp -d)"
+
+echo "== Sanitizers: ASan+UBSan, TSan and valgrind on the C tests; the Python suite under ASan+UBSan"
+bash tools/sanitizers.sh
