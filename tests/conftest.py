@@ -9,6 +9,7 @@ remain in flight.
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -165,3 +166,12 @@ def run_script(tmp_path, delivery, loop_name):
         return proc
 
     return run
+
+
+@pytest.fixture
+def sock_pair():
+    """A connected socket pair, closed after the test."""
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()

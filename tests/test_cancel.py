@@ -2,20 +2,11 @@
 
 import asyncio
 import random
-import socket
 import time
 
 import pytest
 
 import asyncio_bridge as ab
-
-
-@pytest.fixture
-def sock_pair():
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
 
 
 async def submitted(task, before):

@@ -4,21 +4,12 @@ import asyncio
 import collections.abc
 import gc
 import inspect
-import socket
 import warnings
 import weakref
 
 import pytest
 
 import asyncio_bridge as ab
-
-
-@pytest.fixture
-def sock_pair():
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
 
 
 def make_ops(sock):

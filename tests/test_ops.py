@@ -16,14 +16,6 @@ import asyncio_bridge as ab
 
 
 @pytest.fixture
-def sock_pair():
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
-
-
-@pytest.fixture
 def pipe():
     r, w = os.pipe()
     fds = {"r": r, "w": w}
