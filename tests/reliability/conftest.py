@@ -141,7 +141,8 @@ def run_script(tmp_path, delivery):
             capture_output=True, text=True, timeout=timeout,
             env=clean_env(delivery, **(env or {})), cwd=tmp_path,
         )
-        proc.wall = time.monotonic() - start
+        proc.end = time.monotonic()
+        proc.wall = proc.end - start
         return proc
 
     return run

@@ -1,6 +1,9 @@
 """Scenario 3: interpreter exit with work in flight.
 
-Each run is a fresh interpreter, timed from spawn to exit.  Modes:
+Each run is a fresh interpreter.  What is timed is the exit itself: from
+the moment the script starts to exit (it prints CLOCK_MONOTONIC then) to the
+end of the process; the whole run (start-up and imports included, which a
+loaded machine can stretch) is reported beside it.  Modes:
 
   pending     10,000 ops started (sleeps of 60 s and inf, fd waits that
               never fire, 1,000 each of sleep, nop, ...) and the interpreter
@@ -13,7 +16,7 @@ Each run is a fresh interpreter, timed from spawn to exit.  Modes:
   thread      the same stream on a loop in a daemon thread; the main thread
               returns at a random moment, so the atexit hook and
               finalization run while that thread is delivering (it stops at
-              the documented RuntimeError of an op started after shutdown)
+              an op started after shutdown, which waits forever instead)
 
 Ops are driven by hand (op.send(None), then send again from a done
 callback) rather than by tasks: asyncio prints "Task was destroyed but it is
@@ -37,6 +40,10 @@ rng = random.Random(int(sys.argv[3]))
 a, b = socket.socketpair()
 keep = []
 
+def exit_now(code=0):
+    print("EXIT_AT", time.monotonic(), flush=True)
+    sys.exit(code)
+
 def pump(loop, value):
     try:
         op = ab.nop(value)
@@ -58,7 +65,7 @@ def start_pending(loop):
     for i in range(10000):
         op = makers[i % len(makers)](i)
         keep.append((op, op.send(None)))
-    loop.call_later(rng.uniform(0.0, 0.02), sys.exit, 0)
+    loop.call_later(rng.uniform(0.0, 0.02), exit_now)
 
 def start_stream(loop):
     for i in range(1000):
@@ -69,11 +76,12 @@ if MODE == "thread":
     threading.Thread(target=lambda: (loop.call_soon(start_stream, loop), loop.run_forever()),
                      daemon=True).start()
     time.sleep(rng.uniform(0.02, 0.1))
+    print("EXIT_AT", time.monotonic(), flush=True)  # the main thread returns
 else:
     loop = new_loop()
     loop.call_soon(start_pending if MODE == "pending" else start_stream, loop)
     if MODE == "delivering":
-        loop.call_later(rng.uniform(0.01, 0.1), sys.exit, 0)
+        loop.call_later(rng.uniform(0.01, 0.1), exit_now)
     loop.run_forever()
 """
 
@@ -87,10 +95,13 @@ def test_exit(loop_name, mode, script, run_script, figure):
         procs = list(pool.map(lambda seed: run_script(path, loop_name, mode, seed, timeout=20),
                               range(runs)))
     bad = [(p.returncode, p.stderr[-500:]) for p in procs if p.returncode or p.stderr]
-    slow = sorted(round(p.wall, 2) for p in procs if p.wall >= 2.0)
-    worst = max(p.wall for p in procs)
-    figure(f"{mode}: {runs} runs; failed (exit code or stderr) {len(bad)}, "
-           f"over 2 s {len(slow)}, slowest {worst:.2f} s",
-           runs=runs, failed=len(bad), slow=len(slow), slowest=round(worst, 3))
     assert not bad, f"{len(bad)} runs failed; first: {bad[0]}"
-    assert not slow, f"runs over 2 s: {slow}"
+    exits = [p.end - float(p.stdout.split("EXIT_AT", 1)[1].split()[0]) for p in procs]
+    slow = sorted(round(e, 2) for e in exits if e >= 2.0)
+    worst, worst_run = max(exits), max(p.wall for p in procs)
+    figure(f"{mode}: {runs} runs; failed (exit code or stderr) {len(bad)}, "
+           f"exits over 2 s {len(slow)}, slowest exit {worst:.2f} s "
+           f"(slowest whole run {worst_run:.2f} s)",
+           runs=runs, failed=len(bad), slow=len(slow), slowest=round(worst, 3),
+           slowest_run=round(worst_run, 3))
+    assert not slow, f"exits over 2 s: {slow}"
