@@ -239,12 +239,10 @@ future_done(ab_state *st, PyObject *fut)
  * change it between the look and the call). */
 /* For error paths: whether fut is done, with any exception kept. */
 static int
-future_is_done(PyObject *fut)
+future_is_done(ab_state *st, PyObject *fut)
 {
     PyObject *exc = ab_err_take();
-    PyObject *r = PyObject_CallMethod(fut, "done", NULL);
-    int done = r != NULL && PyObject_IsTrue(r) > 0;
-    Py_XDECREF(r);
+    int done = future_done(st, fut) > 0;
     PyErr_Clear();
     ab_err_raise(exc);
     return done;
@@ -555,7 +553,7 @@ fail:
 }
 
 static PySendResult
-op_resume(OpObject *self, PyObject **presult)
+op_resume(OpObject *self, ab_state *st, PyObject **presult)
 {
     OpPy *py = self->py;
     PySendResult r = PyIter_Send(py->iter, Py_None, presult);
@@ -565,7 +563,7 @@ op_resume(OpObject *self, PyObject **presult)
         return PYGEN_ERROR;
     }
     if (r == PYGEN_ERROR && PyErr_ExceptionMatches(PyExc_RuntimeError) &&
-        !future_is_done(py->future))
+        !future_is_done(st, py->future))
         return PYGEN_ERROR; /* resumed early: the op is still waiting */
     self->phase = OP_DONE;
     Py_CLEAR(py->iter);
@@ -587,7 +585,7 @@ op_am_send(OpObject *self, PyObject *arg, PyObject **presult)
         }
         return op_start(self, st, presult);
     case OP_WAITING:
-        return op_resume(self, presult);
+        return op_resume(self, st, presult);
     default:
         PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
         return PYGEN_ERROR;
