@@ -31,16 +31,23 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def configure(*, delivery: str | None = None, workers: int | None = None) -> dict[str, object]:
+def configure(
+    *,
+    delivery: str | None = None,
+    workers: int | None = None,
+    drain_budget: float | None = None,
+) -> dict[str, object]:
     """Set how results reach asyncio loops and how many pool threads run.
 
     delivery: "auto" (the faster path the loop supports), "add_reader" (an
     eventfd watched by the loop) or "call_soon_threadsafe"; it applies to
     loops that start using asyncio_bridge afterwards.  workers: the size of
-    the native worker pool (default: the CPU count).  Returns the settings
-    in force.
+    the native worker pool (default: the CPU count).  drain_budget: how many
+    seconds one delivery pass may hold the loop (default 0.002); a larger
+    burst of results is delivered over several loop iterations.  Returns
+    the settings in force.
     """
-    return _ext.configure(delivery=delivery, workers=workers)
+    return _ext.configure(delivery=delivery, workers=workers, drain_budget=drain_budget)
 
 
 def get_include() -> str:
@@ -61,4 +68,6 @@ _configure_from_environment()
 # Stop the engine before finalization: no native thread may call into
 # Python once the interpreter starts tearing down.
 atexit.register(_ext._shutdown)
-os.register_at_fork(after_in_child=_ext._after_fork_child)
+# An idle library leaves no thread behind to fork (3.12+ warns about
+# forking a multi-threaded process); the child gets a fresh engine.
+os.register_at_fork(before=_ext._before_fork, after_in_child=_ext._after_fork_child)

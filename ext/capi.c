@@ -38,6 +38,7 @@ static const AsyncioBridge_CAPI capi = {
     .py_raise = abpy_raise,
     .py_fd = abpy_fd,
     .py_seconds = abpy_seconds,
+    .py_wrap_settled = abpy_wrap_settled,
 };
 
 /* New reference: the capsule named ASYNCIO_BRIDGE_CAPSULE. */

@@ -17,9 +17,11 @@ typedef struct OpObject OpObject;
  * buffers it was given, its Future, the Python awaitable it runs.  Owned by
  * the native op and freed with it (release hook, GIL held), so that a pool
  * function never sees a buffer released while it runs, whatever becomes of
- * the Op object.  While the op is in flight these references are roots,
- * as a loop's pending timers are: an awaiting task is never collected
- * under a running op.  Otherwise the Op object shows them to the GC. */
+ * the Op object.  While the op is in flight its bridge shows these
+ * references to the GC, and the loop owns the bridge: as with a loop's
+ * pending timers, an awaiting task is never collected under a running op
+ * while its loop lives, and a loop nobody references is collected with
+ * them.  Otherwise the Op object shows them to the GC. */
 typedef struct OpPy {
     ab_op *op;              /* NULL until used, and once released */
     OpObject *obj;          /* borrowed; NULL once the Op object is gone */
@@ -32,6 +34,7 @@ typedef struct OpPy {
     PyObject **kept;
     Py_buffer **views;
     int nkept, nviews;
+    int exit_op;            /* started while the interpreter exits */
     struct OpPy *prev, *next; /* the bridge's list of ops in flight */
 } OpPy;
 
@@ -41,6 +44,10 @@ struct OpObject {
     ab_op *op;              /* our reference to the native op */
     OpPy *py;
     op_phase phase;
+    char settled;           /* outcome set before it was wrapped: never submitted */
+    char running;           /* in send/throw/close: cr_running */
+    PyObject *origin;       /* cr_origin, when origin tracking was on */
+    PyObject *frame;        /* cr_frame, made when first asked for */
     PyObject *weakreflist;
 };
 
@@ -51,19 +58,30 @@ typedef enum { DELIVERY_AUTO, DELIVERY_CST, DELIVERY_READER } delivery_kind;
 typedef struct bridge_native {
     ab_sink sink;
     int efd;             /* add_reader delivery: the eventfd; else -1 */
-    atomic_int dead;     /* loop closed or gone: the courier drains */
+    atomic_int dead;     /* the loop closed or let go: nothing is resolved */
     atomic_int queued;   /* on the courier's list */
-    atomic_int refs;     /* the bridge's, and the courier list's */
-    int close_efd;
+    atomic_int refs;     /* the bridge's, the courier list's, an fd close's */
     struct bridge_native *courier_next;
     BridgeObject *obj;   /* borrowed; cleared when the object goes */
 } bridge_native;
+
+/* The loop owns its bridge through an anchor: the add_reader callback, or
+ * an attribute of the loop with call_soon_threadsafe delivery.  When the
+ * loop lets go of it (close() drops its readers, or the loop is freed) the
+ * bridge learns at once that its loop is gone; and since the bridge shows
+ * its in-flight ops' Futures to the GC, a loop nobody references is
+ * collected with them, as with asyncio's own timers. */
+typedef struct {
+    PyObject_HEAD
+    BridgeObject *bridge; /* strong */
+} AnchorObject;
 
 struct BridgeObject {
     PyObject_HEAD
     bridge_native *native;
     PyObject *loop_ref;  /* weakref to the loop */
-    PyObject *drain;     /* bound self.drain */
+    PyObject *key;       /* its registry key, id(loop) */
+    AnchorObject *anchor; /* borrowed; NULL once the loop let go */
     /* The loop's create_future() is asyncio's own: make the Futures
      * directly, as Future(loop=loop), and skip a Python frame per op. */
     int direct_futures;
@@ -71,6 +89,9 @@ struct BridgeObject {
     unsigned generation; /* fork generation it was made in */
     Py_ssize_t in_flight;
     OpPy ops;            /* list head (only prev/next used) */
+    /* Taken from the sink, not yet delivered: a drain pass stops after its
+     * time budget, or at a KeyboardInterrupt, and the next one goes on. */
+    ab_op *backlog;
     struct BridgeObject *all_prev, *all_next; /* every bridge */
     PyObject *weakreflist;
 };
@@ -94,10 +115,25 @@ typedef struct {
         *str_cancel, *str_result, *str_call_soon_threadsafe, *str_drain,
         *str_is_closed, *str_create_task, *str_add_done_callback, *str_exception,
         *str_cancelled;
+    PyObject *str_call_exception_handler, *str_anchor_attr;
+    PyObject *warn_unawaited;      /* warnings._warn_unawaited_coroutine */
+    PyObject *origin_depth;        /* sys.get_coroutine_origin_tracking_depth */
+    PyObject *frame_globals;       /* globals of the ops' synthetic frames */
+    PyObject *codes;               /* {ab_op_type address: code object} */
+    PyObject *rooted;              /* {key: anchor} for loops that cannot hold one */
+    PyTypeObject *anchor_type;
     PyObject *last_loop;      /* borrowed cache of the last lookup */
     BridgeObject *last_bridge;
     delivery_kind delivery;
-    int shut_down;
+    uint64_t drain_budget_ns; /* how long one drain pass may run */
+    PyInterpreterState *interp;
+    /* atexit ran: the threads are stopped.  Ops started afterwards on the
+     * thread that ran it work (and stop the threads again when they are
+     * done); on any other thread they wait for ever, as the interpreter is
+     * ending under them. */
+    int exiting;
+    unsigned long exit_thread;
+    Py_ssize_t exit_ops;     /* ops started while exiting, still in flight */
 } ab_state;
 
 extern PyModuleDef ab_module_def;
@@ -141,13 +177,22 @@ void ab_op_abort(OpPy *py, ab_state *st);
 void ab_op_run_python(OpPy *py, ab_state *st);
 
 /* bridge.c */
-extern PyType_Spec ab_bridge_spec;
+extern PyType_Spec ab_bridge_spec, ab_anchor_spec;
 BridgeObject *ab_bridge_for_running_loop(ab_state *st, PyObject **loop_out);
 void ab_bridge_track(BridgeObject *b, OpPy *py);
 void ab_bridge_untrack(BridgeObject *b, OpPy *py);
-int ab_courier_stop(void);
+void ab_courier_set_interpreter(PyInterpreterState *interp);
+/* GIL held: 0, or -1 with an exception set. */
+int ab_courier_ensure(void);
+/* GIL held (released while joining). */
+void ab_courier_stop(void);
+int ab_courier_running(void);
+/* With no loop open and nothing in flight, stop the courier, the engine
+ * and the pool now (before a fork); GIL held. */
+void ab_threads_stop_if_idle(void);
+void ab_exit_quiesce(ab_state *st);
 void ab_bridges_after_fork(ab_state *st);
-void ab_bridges_shutdown(ab_state *st);
+void ab_bridges_abandon(void);
 PyObject *ab_bridge_of_loop(ab_state *st, PyObject *loop);
 
 /* errors.c */

@@ -6,6 +6,7 @@
  * (how a Task delivers cancellation) cancel the native op. */
 #include "ext.h"
 
+#include <frameobject.h>
 #include <structmember.h>
 
 /* ---- the Python side of an ab_op: kept objects and pinned buffers ------- */
@@ -67,11 +68,48 @@ abpy_python_outcome(ab_op *op)
     return ((OpPy *)ab_op_owner(op))->outcome;
 }
 
-PyObject *
-abpy_wrap(ab_op *op)
+/* New reference: cr_origin as a coroutine made here would have it (the
+ * innermost `depth` frames of the caller, as (filename, lineno, name)),
+ * or None when origin tracking is off; NULL with an exception set. */
+static PyObject *
+make_origin(ab_state *st)
+{
+    PyObject *d = PyObject_CallNoArgs(st->origin_depth);
+    if (d == NULL)
+        return NULL;
+    long depth = PyLong_AsLong(d);
+    Py_DECREF(d);
+    if (depth <= 0)
+        return depth == -1 && PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    PyObject *frames = PyList_New(0);
+    PyFrameObject *f = PyEval_GetFrame();
+    Py_XINCREF(f);
+    for (long i = 0; f != NULL && i < depth && frames != NULL; i++) {
+        PyCodeObject *code = PyFrame_GetCode(f);
+        PyObject *entry = Py_BuildValue("(OiO)", code->co_filename, PyFrame_GetLineNumber(f),
+                                        code->co_name);
+        Py_DECREF(code);
+        if (entry == NULL || PyList_Append(frames, entry) < 0)
+            Py_CLEAR(frames);
+        Py_XDECREF(entry);
+        PyFrameObject *back = PyFrame_GetBack(f);
+        Py_DECREF(f);
+        f = back;
+    }
+    Py_XDECREF(f);
+    if (frames == NULL)
+        return NULL;
+    PyObject *origin = PyList_AsTuple(frames);
+    Py_DECREF(frames);
+    return origin;
+}
+
+static PyObject *
+wrap(ab_op *op, int settled)
 {
     OpPy *py = py_of(op);
-    if (ab_global_state == NULL) {
+    ab_state *st = ab_global_state;
+    if (st == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "asyncio_bridge is not initialised");
         ab_op_release(op);
         return NULL;
@@ -81,18 +119,42 @@ abpy_wrap(ab_op *op)
         ab_op_release(op);
         return NULL;
     }
-    OpObject *self = PyObject_GC_New(OpObject, ab_global_state->op_type);
+    PyObject *origin = make_origin(st);
+    if (origin == NULL) {
+        ab_op_release(op);
+        return NULL;
+    }
+    OpObject *self = PyObject_GC_New(OpObject, st->op_type);
     if (self == NULL) {
+        Py_DECREF(origin);
         ab_op_release(op);
         return NULL;
     }
     self->op = op; /* the caller's reference */
     self->py = py;
     self->phase = OP_INIT;
+    self->settled = (char)settled;
+    self->running = 0;
+    self->origin = origin == Py_None ? NULL : origin;
+    if (origin == Py_None)
+        Py_DECREF(origin);
+    self->frame = NULL;
     self->weakreflist = NULL;
     py->obj = self;
     PyObject_GC_Track(self);
     return (PyObject *)self;
+}
+
+PyObject *
+abpy_wrap(ab_op *op)
+{
+    return wrap(op, 0);
+}
+
+PyObject *
+abpy_wrap_settled(ab_op *op)
+{
+    return wrap(op, 1);
 }
 
 /* Drop what the Python side holds; GIL.  Only when no native code uses
@@ -264,7 +326,9 @@ settle_future(OpPy *py, ab_state *st)
 {
     PyObject *fut = py->future;
     int err = ab_op_error(py->op);
-    if (err == -ECANCELED || py->obj == NULL) { /* nobody can await it any more */
+    /* Cancelled, or nobody can await it any more (the Op is gone, closed,
+     * or thrown into): an outcome set now would only be "never retrieved". */
+    if (err == -ECANCELED || py->obj == NULL || py->obj->phase == OP_DONE) {
         int done = future_done(st, fut);
         if (done != 0)
             return done < 0 ? -1 : 0;
@@ -306,6 +370,10 @@ ab_op_forget(OpPy *py)
         return;
     ab_bridge_untrack(b, py);
     py->bridge = NULL;
+    if (py->exit_op && ab_global_state != NULL) {
+        py->exit_op = 0;
+        ab_global_state->exit_ops--;
+    }
     ab_op *op = py->op;
     py_maybe_free(py);
     ab_op_collect(op);
@@ -463,7 +531,8 @@ ab_op_abort(OpPy *py, ab_state *st)
     ab_cancel(py->op);
     if (py->task != NULL) {
         Py_CLEAR(py->task);
-        python_finished(py, PyObject_CallNoArgs(st->cancelled_error), 1);
+        /* Without the module (finalization) the answer needs no object. */
+        python_finished(py, st != NULL ? PyObject_CallNoArgs(st->cancelled_error) : NULL, 1);
     }
 }
 
@@ -494,9 +563,10 @@ first_wait(OpPy *py, PyObject *fut, PyObject **presult)
     return 0;
 }
 
-/* The interpreter is exiting and the engine is stopped (a loop in a daemon
- * thread still runs): the op waits on a Future nothing resolves, as
- * everything in flight does now, rather than raise into that thread. */
+/* The interpreter is exiting and this is not the thread that runs the
+ * atexit handlers (a loop in a daemon thread still runs): the op waits on
+ * a Future nothing resolves, as everything in flight does now, rather
+ * than raise into that thread or start threads under finalization. */
 static PySendResult
 pending_forever(OpObject *self, ab_state *st, PyObject **presult)
 {
@@ -520,8 +590,18 @@ op_start(OpObject *self, ab_state *st, PyObject **presult)
     OpPy *py = self->py;
     PyObject *loop = NULL, *fut = NULL;
     self->phase = OP_DONE; /* unless it starts */
-    if (st->shut_down)
+    if (ab_global_state != st) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "asyncio_bridge: this interpreter has ended its use of the library");
+        return PYGEN_ERROR;
+    }
+    int exiting = st->exiting;
+    if (exiting && PyThread_get_thread_ident() != st->exit_thread)
         return pending_forever(self, st, presult);
+    /* An atexit handler that runs after ours: the threads start again, and
+     * ab_exit_quiesce stops them once its ops are done. */
+    if (exiting && ab_courier_ensure() < 0)
+        return PYGEN_ERROR;
     BridgeObject *b = ab_bridge_for_running_loop(st, &loop);
     if (b == NULL)
         return PYGEN_ERROR;
@@ -545,6 +625,10 @@ op_start(OpObject *self, ab_state *st, PyObject **presult)
     py->future = fut;
     py->bridge = (BridgeObject *)Py_NewRef(b);
     ab_bridge_track(b, py);
+    if (exiting) {
+        py->exit_op = 1;
+        st->exit_ops++;
+    }
     self->phase = OP_WAITING;
     return PYGEN_NEXT;
 fail:
@@ -552,19 +636,36 @@ fail:
     return PYGEN_ERROR;
 }
 
+/* A settled op's outcome, after its one yield. */
+static PySendResult
+settled_outcome(OpObject *self, ab_state *st, PyObject **presult)
+{
+    self->phase = OP_DONE;
+    if (ab_op_error(self->op) == 0) {
+        *presult = result_object(self->py);
+        return *presult != NULL ? PYGEN_RETURN : PYGEN_ERROR;
+    }
+    ab_err_raise(error_object(self->py, st));
+    return PYGEN_ERROR;
+}
+
 static PySendResult
 op_resume(OpObject *self, ab_state *st, PyObject **presult)
 {
     OpPy *py = self->py;
+    if (self->settled)
+        return settled_outcome(self, st, presult);
     PySendResult r = PyIter_Send(py->iter, Py_None, presult);
-    if (r == PYGEN_NEXT) { /* a Future-like that yields twice: not asyncio's */
-        Py_CLEAR(*presult);
-        PyErr_SetString(PyExc_RuntimeError, "await wasn't used with future");
-        return PYGEN_ERROR;
+    /* Sent again before the Future is done: as a coroutine awaiting it,
+     * yield the Future again (the task reset its blocking flag) or fail
+     * with "await wasn't used with future", which ends the op. */
+    if (r == PYGEN_NEXT)
+        return r;
+    if (r == PYGEN_ERROR && !future_is_done(st, py->future)) {
+        PyObject *exc = ab_err_take();
+        stop_native(self, st);
+        ab_err_raise(exc);
     }
-    if (r == PYGEN_ERROR && PyErr_ExceptionMatches(PyExc_RuntimeError) &&
-        !future_is_done(st, py->future))
-        return PYGEN_ERROR; /* resumed early: the op is still waiting */
     self->phase = OP_DONE;
     Py_CLEAR(py->iter);
     Py_CLEAR(py->future);
@@ -572,16 +673,19 @@ op_resume(OpObject *self, ab_state *st, PyObject **presult)
 }
 
 static PySendResult
-op_am_send(OpObject *self, PyObject *arg, PyObject **presult)
+op_send_locked(OpObject *self, ab_state *st, PyObject *arg, PyObject **presult)
 {
-    ab_state *st = PyType_GetModuleState(Py_TYPE(self));
-    *presult = NULL;
     switch (self->phase) {
     case OP_INIT:
         if (arg != Py_None) {
             PyErr_SetString(PyExc_TypeError,
                             "can't send non-None value to a just-started coroutine");
             return PYGEN_ERROR;
+        }
+        if (self->settled) { /* one loop iteration, as asyncio.sleep(0) */
+            self->phase = OP_WAITING;
+            *presult = Py_NewRef(Py_None);
+            return PYGEN_NEXT;
         }
         return op_start(self, st, presult);
     case OP_WAITING:
@@ -590,6 +694,30 @@ op_am_send(OpObject *self, PyObject *arg, PyObject **presult)
         PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
         return PYGEN_ERROR;
     }
+}
+
+/* 0, or -1 with ValueError if the op is running (a re-entrant call). */
+static int
+enter(OpObject *self)
+{
+    if (self->running) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return -1;
+    }
+    self->running = 1;
+    return 0;
+}
+
+static PySendResult
+op_am_send(OpObject *self, PyObject *arg, PyObject **presult)
+{
+    ab_state *st = PyType_GetModuleState(Py_TYPE(self));
+    *presult = NULL;
+    if (enter(self) < 0)
+        return PYGEN_ERROR;
+    PySendResult r = op_send_locked(self, st, arg, presult);
+    self->running = 0;
+    return r;
 }
 
 static PyObject *
@@ -683,10 +811,24 @@ op_throw(OpObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_TypeError, "throw expected 1 to 3 arguments, got %zd", nargs);
         return NULL;
     }
+#if PY_VERSION_HEX >= 0x030C0000
+    if (nargs > 1 && PyErr_WarnEx(PyExc_DeprecationWarning,
+                                  "the (type, exc, tb) signature of throw() is deprecated, "
+                                  "use the single-arg signature instead.",
+                                  1) < 0)
+        return NULL;
+#endif
+    if (self->phase == OP_DONE) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return NULL;
+    }
+    if (enter(self) < 0)
+        return NULL;
     stop_native(self, PyType_GetModuleState(Py_TYPE(self)));
     PyObject *exc = exception_to_throw(args[0], nargs > 1 ? args[1] : NULL,
                                        nargs > 2 ? args[2] : NULL);
     ab_err_raise(exc);
+    self->running = 0;
     return NULL;
 }
 
@@ -694,7 +836,10 @@ static PyObject *
 op_close(OpObject *self, PyObject *unused)
 {
     (void)unused;
+    if (enter(self) < 0)
+        return NULL;
     stop_native(self, PyType_GetModuleState(Py_TYPE(self)));
+    self->running = 0;
     Py_RETURN_NONE;
 }
 
@@ -712,6 +857,8 @@ op_await(OpObject *self)
     return Py_NewRef(self);
 }
 
+/* ---- introspection, as a coroutine's ----------------------------------------- */
+
 static PyObject *
 op_get_name(OpObject *self, void *closure)
 {
@@ -719,16 +866,140 @@ op_get_name(OpObject *self, void *closure)
     return PyUnicode_FromString(ab_op_type_of(self->op)->name);
 }
 
+/* New reference: the code object shown for ops of this type (one per
+ * type, made on first use), or NULL with an exception set. */
+static PyObject *
+op_code(OpObject *self)
+{
+    ab_state *st = PyType_GetModuleState(Py_TYPE(self));
+    const ab_op_type *type = ab_op_type_of(self->op);
+    PyObject *key = PyLong_FromVoidPtr((void *)type);
+    if (key == NULL)
+        return NULL;
+    PyObject *code = PyDict_GetItemWithError(st->codes, key);
+    if (code != NULL || PyErr_Occurred()) {
+        Py_DECREF(key);
+        return Py_XNewRef(code);
+    }
+    code = (PyObject *)PyCode_NewEmpty("<asyncio_bridge>", type->name, 1);
+    if (code != NULL && PyDict_SetItem(st->codes, key, code) < 0)
+        Py_CLEAR(code);
+    Py_DECREF(key);
+    return code;
+}
+
+static PyObject *
+op_get_cr_code(OpObject *self, void *closure)
+{
+    (void)closure;
+    return op_code(self);
+}
+
+/* A frame that names the op, so that Task.get_stack(), print_stack() and
+ * monitors show where a task waits; None once it is done. */
+static PyObject *
+op_get_cr_frame(OpObject *self, void *closure)
+{
+    (void)closure;
+    if (self->phase == OP_DONE)
+        Py_RETURN_NONE;
+    if (self->frame == NULL) {
+        ab_state *st = PyType_GetModuleState(Py_TYPE(self));
+        PyObject *code = op_code(self);
+        if (code == NULL)
+            return NULL;
+        self->frame = (PyObject *)PyFrame_New(PyThreadState_Get(), (PyCodeObject *)code,
+                                              st->frame_globals, NULL);
+        Py_DECREF(code);
+        if (self->frame == NULL)
+            return NULL;
+    }
+    return Py_NewRef(self->frame);
+}
+
+static PyObject *
+op_get_cr_running(OpObject *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->running);
+}
+
+static PyObject *
+op_get_cr_suspended(OpObject *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->phase == OP_WAITING && !self->running);
+}
+
+static PyObject *
+op_get_cr_await(OpObject *self, void *closure)
+{
+    (void)closure;
+    PyObject *fut = self->phase == OP_WAITING ? self->py->future : NULL;
+    return Py_NewRef(fut != NULL ? fut : Py_None);
+}
+
+static PyObject *
+op_get_cr_origin(OpObject *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->origin != NULL ? self->origin : Py_None);
+}
+
+/* What a waiting op waits for, in words. */
+static PyObject *
+waiting_for(OpObject *self)
+{
+    OpPy *py = self->py;
+    ab_waiting w;
+    if (self->settled)
+        return PyUnicode_FromString("yielding once, its result ready");
+    if (py->bridge == NULL)
+        return PyUnicode_FromString("waiting for its result");
+    ab_op_waiting(self->op, &w);
+    switch (w.kind) {
+    case AB_WAITING_TIMER:
+        return PyUnicode_FromString("waiting for a timer");
+    case AB_WAITING_FD:
+        return PyUnicode_FromFormat("waiting for fd %d to be %s", w.fd,
+                                    w.events == AB_EV_READ    ? "readable"
+                                    : w.events == AB_EV_WRITE ? "writable"
+                                                              : "readable or writable");
+    case AB_WAITING_WORK:
+        return PyUnicode_FromString("waiting for a function on the worker pool");
+    case AB_WAITING_PYTHON:
+        if (py->task != NULL)
+            return PyUnicode_FromFormat("waiting for %R", py->task);
+        return PyUnicode_FromString("waiting for a Python awaitable");
+    case AB_WAITING_CANCEL:
+        return PyUnicode_FromString("waiting until cancelled");
+    case AB_WAITING_NOTHING:
+        break;
+    }
+    return PyUnicode_FromString("waiting for the engine");
+}
+
 static PyObject *
 op_repr(OpObject *self)
 {
-    static const char *phases[] = {"created", "running", "done"};
-    return PyUnicode_FromFormat("<asyncio_bridge.Op %s %s at %p>",
-                                ab_op_type_of(self->op)->name, phases[self->phase], self);
+    const char *name = ab_op_type_of(self->op)->name;
+    if (self->phase == OP_INIT)
+        return PyUnicode_FromFormat("<asyncio_bridge.Op %s created at %p>", name, self);
+    if (self->phase == OP_DONE)
+        return PyUnicode_FromFormat("<asyncio_bridge.Op %s done at %p>", name, self);
+    PyObject *what = waiting_for(self);
+    if (what == NULL)
+        return NULL;
+    PyObject *r = PyUnicode_FromFormat("<asyncio_bridge.Op %s %U at %p>", name, what, self);
+    Py_DECREF(what);
+    return r;
 }
 
 /* ---- lifetime ------------------------------------------------------------------ */
 
+/* "coroutine '...' was never awaited", by the function CPython uses for
+ * coroutines: with cr_origin (asyncio debug mode) it says where the op
+ * was created. */
 static void
 op_finalize(OpObject *self)
 {
@@ -736,8 +1007,17 @@ op_finalize(OpObject *self)
         return;
     PyObject *exc = ab_err_take();
     self->phase = OP_DONE;
-    if (PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "coroutine '%s' was never awaited",
-                         ab_op_type_of(self->op)->name) < 0)
+    ab_state *st = ab_global_state;
+    int rc;
+    if (st != NULL) {
+        PyObject *r = PyObject_CallOneArg(st->warn_unawaited, (PyObject *)self);
+        rc = r != NULL ? 0 : -1;
+        Py_XDECREF(r);
+    } else {
+        rc = PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "coroutine '%s' was never awaited",
+                              ab_op_type_of(self->op)->name);
+    }
+    if (rc < 0)
         PyErr_WriteUnraisable((PyObject *)self);
     ab_err_raise(exc);
 }
@@ -747,8 +1027,10 @@ op_traverse(OpObject *self, visitproc visit, void *arg)
 {
     OpPy *py = self->py;
     Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->origin);
+    Py_VISIT(self->frame);
     if (py->bridge != NULL)
-        return 0; /* in flight: the engine's references are roots */
+        return 0; /* in flight: the bridge shows them */
     Py_VISIT(py->iter);
     Py_VISIT(py->future);
     Py_VISIT(py->context);
@@ -764,6 +1046,8 @@ op_traverse(OpObject *self, visitproc visit, void *arg)
 static int
 op_clear(OpObject *self)
 {
+    Py_CLEAR(self->origin);
+    Py_CLEAR(self->frame);
     if (self->py->bridge == NULL)
         py_clear(self->py);
     return 0;
@@ -780,6 +1064,8 @@ op_dealloc(OpObject *self)
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
     stop_native(self, ab_global_state);
+    Py_CLEAR(self->origin);
+    Py_CLEAR(self->frame);
     self->py->obj = NULL;
     py_maybe_free(self->py);
     ab_op_release(self->op);
@@ -792,12 +1078,22 @@ static PyMethodDef op_methods[] = {
     {"throw", (PyCFunction)(void (*)(void))op_throw, METH_FASTCALL,
      "throw(exc): cancel the native op and raise exc in the awaiter."},
     {"close", (PyCFunction)op_close, METH_NOARGS, "close(): cancel the native op."},
+    {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
+     "Op[T]: the type of an op whose result is a T."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef op_getset[] = {
     {"__name__", (getter)op_get_name, NULL, "the op type's name", NULL},
     {"__qualname__", (getter)op_get_name, NULL, "the op type's name", NULL},
+    {"cr_await", (getter)op_get_cr_await, NULL, "the Future it waits on, or None", NULL},
+    {"cr_code", (getter)op_get_cr_code, NULL, "a code object naming the op type", NULL},
+    {"cr_frame", (getter)op_get_cr_frame, NULL,
+     "a frame naming the op while it is not done, else None", NULL},
+    {"cr_origin", (getter)op_get_cr_origin, NULL,
+     "where it was created, with coroutine origin tracking on, else None", NULL},
+    {"cr_running", (getter)op_get_cr_running, NULL, "True inside send, throw or close", NULL},
+    {"cr_suspended", (getter)op_get_cr_suspended, NULL, "True while it waits", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

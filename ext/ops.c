@@ -20,21 +20,31 @@ abpy_fd(PyObject *obj)
 double
 abpy_seconds(PyObject *obj, const char *what, int allow_none)
 {
+    double v;
     if (obj == Py_None && allow_none)
         return -1.0;
-    if (!PyFloat_Check(obj) && !PyLong_Check(obj) && !PyIndex_Check(obj) &&
-        !(Py_TYPE(obj)->tp_as_number && Py_TYPE(obj)->tp_as_number->nb_float)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a real number%s, not %.100s", what,
-                     allow_none ? " or None" : "", Py_TYPE(obj)->tp_name);
-        return -2.0;
-    }
-    double v = PyFloat_AsDouble(obj);
-    if (v == -1.0 && PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+    if (PyFloat_Check(obj)) {
+        v = PyFloat_AS_DOUBLE(obj);
+    } else if (PyLong_Check(obj)) {
+        v = PyLong_AsDouble(obj); /* OverflowError beyond a double, as asyncio */
+        if (v == -1.0 && PyErr_Occurred())
             return -2.0;
-        /* An int too large for a double: far beyond any timer. */
-        PyErr_Clear();
-        v = PyObject_RichCompareBool(obj, Py_False, Py_GT) > 0 ? INFINITY : 0.0;
+    } else {
+        /* asyncio computes loop.time() + delay: take what a float adds to. */
+        PyObject *zero = PyFloat_FromDouble(0.0);
+        PyObject *sum = zero != NULL ? PyNumber_Add(zero, obj) : NULL;
+        Py_XDECREF(zero);
+        if (sum == NULL || !PyFloat_Check(sum)) {
+            if (sum == NULL && !PyErr_ExceptionMatches(PyExc_TypeError))
+                return -2.0;
+            Py_XDECREF(sum);
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s must be a real number%s, not %.100s", what,
+                         allow_none ? " or None" : "", Py_TYPE(obj)->tp_name);
+            return -2.0;
+        }
+        v = PyFloat_AS_DOUBLE(sum);
+        Py_DECREF(sum);
     }
     if (isnan(v)) {
         PyErr_Format(PyExc_ValueError, "%s must not be NaN", what);
@@ -84,18 +94,51 @@ op_keeping(const ab_op_type *type, PyObject *value, size_t slot_offset, ab_op **
     return abpy_wrap(op);
 }
 
+/* 1 if delay <= 0 (compared as asyncio.sleep compares it), 0 if not, -1
+ * with an exception set. */
+static int
+no_delay(PyObject *delay)
+{
+    if (PyFloat_CheckExact(delay))
+        return PyFloat_AS_DOUBLE(delay) <= 0.0;
+    PyObject *zero = PyLong_FromLong(0);
+    if (zero == NULL)
+        return -1;
+    int le = PyObject_RichCompareBool(delay, zero, Py_LE);
+    Py_DECREF(zero);
+    return le;
+}
+
 static PyObject *
 py_sleep(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"delay", "result", NULL};
     PyObject *delay, *result = Py_None;
-    ab_op *op;
+    ab_op *op = NULL;
     (void)module;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:sleep", kwlist, &delay, &result))
         return NULL;
-    double seconds = abpy_seconds(delay, "delay", 0);
+    int now = no_delay(delay);
+    if (now < 0)
+        return NULL;
+    double seconds = now ? 0.0 : abpy_seconds(delay, "delay", 0);
     if (seconds < -1.5)
         return NULL;
+    if (now) { /* one loop iteration and no engine, as asyncio.sleep(0) */
+        op = ab_op_new(&sleep_type);
+        if (op == NULL)
+            return PyErr_NoMemory();
+        int slot = result != Py_None ? abpy_keep(op, result) : -1;
+        if (result != Py_None && slot < 0) {
+            ab_op_release(op);
+            return NULL;
+        }
+        if (slot >= 0)
+            ab_return_kept(op, slot);
+        else
+            ab_return_none(op);
+        return abpy_wrap_settled(op);
+    }
     PyObject *obj = op_keeping(&sleep_type, result, offsetof(struct sleep_state, result), &op);
     if (obj != NULL)
         ((struct sleep_state *)ab_op_state(op))->delay = seconds;
@@ -217,7 +260,8 @@ py_wait_writable(PyObject *module, PyObject *args, PyObject *kwargs)
 
 PyMethodDef ab_ops_methods[] = {
     {"sleep", (PyCFunction)(void (*)(void))py_sleep, METH_VARARGS | METH_KEYWORDS,
-     "sleep(delay, result=None): a native timer; returns result after delay seconds."},
+     "sleep(delay, result=None): a native timer; returns result after delay seconds "
+     "(delay <= 0 yields to the loop once, as asyncio.sleep(0))."},
     {"nop", (PyCFunction)(void (*)(void))py_nop, METH_FASTCALL | METH_KEYWORDS,
      "nop(value=None): completes at once on the engine thread and returns value."},
     {"wait_readable", (PyCFunction)(void (*)(void))py_wait_readable,

@@ -99,7 +99,9 @@ async def test_concurrent_requests(server):
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(*(fetch(session, url) for url in urls))
     assert results == [(200, body) for body in expected]
-    assert ab.stats()["submitted"] - before["submitted"] >= 200
+    # sleep(0) yields once without the engine, as asyncio.sleep(0) does
+    native = sum(1 for url in urls if not url.endswith("d=0.0"))
+    assert ab.stats()["submitted"] - before["submitted"] >= native
 
 
 @pytest.mark.asyncio

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Set up a fresh machine (Debian, Python >= 3.11): system packages, a venv
-# in .venv, and asyncio_bridge installed in it (editable) with its test
-# dependencies.  Safe to run again.  EXTRA_DEBIAN_PACKAGES adds packages
-# (tools/test.sh asks for the debug interpreter and valgrind).
+# and asyncio_bridge installed in it (editable) with its test dependencies.
+# Safe to run again.
+#
+#   PYTHON                  the interpreter (default: python3)
+#   VENV                    the venv's folder (default: .venv)
+#   EXTRA_DEBIAN_PACKAGES   more Debian packages (tools/test.sh asks for the
+#                           debug interpreter and valgrind)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +22,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "meson-python>=0.15" "meson>=1.1" ninja
-.venv/bin/python -m pip install -q --no-build-isolation -e ".[test,bench]"
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "meson-python>=0.15" "meson>=1.1" ninja
+"$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test,bench]"

@@ -44,6 +44,12 @@ Py_buffer *abpy_keep_buffer(ab_op *op, PyObject *obj, int flags);
 /* The awaitable Python object for `op`: a new reference, or NULL with an
  * exception set.  Steals the caller's reference to `op` in both cases. */
 PyObject *abpy_wrap(ab_op *op);
+/* abpy_wrap for an op whose outcome is known when it is made (a zero
+ * delay, a numeric address, a cache hit): its creator sets it with
+ * ab_return_* or ab_fail* before wrapping, outside any step.  The op never
+ * goes to the engine: awaiting it yields to the event loop once, as
+ * asyncio.sleep(0) does, then returns that outcome (or raises it). */
+PyObject *abpy_wrap_settled(ab_op *op);
 /* Borrowed: the result (or, after a failure, the exception) of the last
  * Python awaitable the op awaited; NULL if none. */
 PyObject *abpy_python_outcome(ab_op *op);
@@ -54,9 +60,12 @@ PyObject *abpy_raise(int err, const char *message);
 /* A file descriptor from an int or an object with fileno(); -1 with an
  * exception set (TypeError, ValueError for negative fds). */
 int abpy_fd(PyObject *obj);
-/* Seconds from a real number, or from None when allow_none (then returns
- * -1.0).  Returns -2.0 with an exception set for a wrong type (TypeError)
- * or NaN (ValueError); `what` names the argument in the message. */
+/* Seconds from a number, accepted as asyncio accepts a delay (what a
+ * float can be added to: int, float, Fraction, numpy's numbers; not
+ * Decimal), or from None when allow_none (then returns -1.0).  Negative
+ * values count as 0.  Returns -2.0 with an exception set: TypeError for a
+ * wrong type, OverflowError for an int too large for a float, ValueError
+ * for NaN; `what` names the argument in the message. */
 double abpy_seconds(PyObject *obj, const char *what, int allow_none);
 
 /* ---- the function table behind the capsule ---------------------------------- */
@@ -100,6 +109,9 @@ typedef struct AsyncioBridge_CAPI {
     PyObject *(*py_raise)(int err, const char *message);
     int (*py_fd)(PyObject *obj);
     double (*py_seconds)(PyObject *obj, const char *what, int allow_none);
+    /* Added after the first release: check `size` before using these when
+     * an extension may meet an older asyncio_bridge. */
+    PyObject *(*py_wrap_settled)(ab_op *op);
 } AsyncioBridge_CAPI;
 
 #ifndef ASYNCIO_BRIDGE_INTERNAL
@@ -174,6 +186,7 @@ AsyncioBridge_Import(void)
 #define abpy_raise (*AsyncioBridge_API->py_raise)
 #define abpy_fd (*AsyncioBridge_API->py_fd)
 #define abpy_seconds (*AsyncioBridge_API->py_seconds)
+#define abpy_wrap_settled (*AsyncioBridge_API->py_wrap_settled)
 #endif /* ASYNCIO_BRIDGE_INTERNAL */
 
 #ifdef __cplusplus

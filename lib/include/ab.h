@@ -251,16 +251,34 @@ ab_op *ab_sink_next(ab_op *op, int *msg);
  * the engine is not running).  Every op submitted to it must have been
  * taken first.  Owner thread. */
 void ab_sink_retire(ab_sink *sink, void (*free_fn)(ab_sink *));
+/* Run fn(arg) on the engine thread after everything posted before this
+ * call, or at once on this thread if the engine is not running (then no
+ * engine code runs meanwhile).  For what must not race with a notify,
+ * e.g. closing an fd that notify writes.  Any thread. */
+void ab_engine_call(void (*fn)(void *arg), void *arg);
 
 /* ---- the engine ------------------------------------------------------------ */
 
 /* Start the engine thread if it is not running; 0 or a negative error.
  * Any thread (not the engine's).  Also called by ab_submit. */
 int ab_engine_start(void);
-/* Stop and join the engine thread; ops in flight are abandoned and never
- * delivered.  The worker pool is told to stop and is not joined.  Any
- * thread but the engine's.  Returns at once if not running. */
+/* Stop and join the engine thread.  Ops in flight are paused, not lost:
+ * their timers, fd waits, queued pool work and what was posted to them
+ * stay, and the next start (or submit) resumes them.  Pool workers leave
+ * after the function they run; with nothing in flight they are joined, so
+ * no thread of the library is left.  Any thread but the engine's.
+ * Returns at once if not running. */
 void ab_engine_stop(void);
+/* ab_engine_stop, but only with nothing in flight (ab_submit may race with
+ * it from any thread: it then either waits for the stop and starts the
+ * engine again, or this sees its op and stops nothing).  Returns 1 if the
+ * engine is stopped and nothing is in flight, else 0. */
+int ab_engine_stop_if_idle(void);
+/* Stop the engine and forget every op in flight: their waits and queued
+ * work are dropped (leaked, never run, never delivered) and in_flight is
+ * 0 again.  For an owner that goes away for good with ops in flight (an
+ * interpreter that ends). */
+void ab_engine_abandon(void);
 /* Number of worker pool threads; 0 means the CPU count.  Takes effect at
  * the next start of the pool (the pool starts on first use). */
 int ab_pool_configure(int workers);
@@ -286,6 +304,25 @@ int ab_op_python_slot(const ab_op *op);
  * generation can never finish. */
 unsigned ab_fork_generation(void);
 unsigned ab_op_generation(const ab_op *op);
+
+/* What a submitted op waits for: a snapshot, from any thread, that may be
+ * stale by the time it is read (for repr and debugging). */
+typedef enum {
+    AB_WAITING_NOTHING, /* running a step, finished, or not started */
+    AB_WAITING_TIMER,
+    AB_WAITING_FD,
+    AB_WAITING_WORK,
+    AB_WAITING_PYTHON,
+    AB_WAITING_CANCEL,
+} ab_waiting_kind;
+
+typedef struct ab_waiting {
+    ab_waiting_kind kind;
+    int fd;          /* AB_WAITING_FD, else -1 */
+    unsigned events; /* AB_WAITING_FD: AB_EV_READ and/or AB_EV_WRITE */
+} ab_waiting;
+
+void ab_op_waiting(const ab_op *op, ab_waiting *out);
 
 typedef struct ab_stats {
     uint64_t submitted, completed, cancelled, in_flight;

@@ -36,9 +36,14 @@ struct ab_op {
     /* Engine thread only. */
     unsigned event;           /* why the current step runs */
     int pc;
-    unsigned char wait;       /* enum ab__wait */
+    /* enum ab__wait, and the fd and events of an fd wait: also read by
+     * owners (ab_op_waiting) with relaxed atomic loads, so written with
+     * relaxed atomic stores (set_wait). */
+    unsigned char wait;
+    unsigned char wait_events;
     unsigned char started, finished, cancelled, cleaned, submitted;
     int sink_msg;
+    int wait_fd;
     /* What the current wait needs; one wait at a time. */
     union {
         struct event *ev;     /* AB__WAIT_EVENT: an fd wait, allocated for it */
@@ -101,7 +106,13 @@ int ab__pool_submit(ab_op *op);
 void ab__pool_atfork_prepare(void);
 void ab__pool_atfork_parent(void);
 void ab__pool_atfork_child(void);
-void ab__pool_stop(void);
+/* Workers leave (after the function they run); queued work stays for
+ * ab__pool_resume.  join: wait until every worker has left, for callers
+ * that know none is running a function. */
+void ab__pool_stop(int join);
+void ab__pool_resume(void);
+/* Drop queued work without running it (ab_engine_abandon). */
+void ab__pool_forget(void);
 
 #define AB__LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 

@@ -34,6 +34,10 @@ enum park_state { PARK_NONE, PARK_ASKED, PARK_PARKED };
 static struct engine {
     pthread_mutex_t start_mu; /* start/stop against each other */
     int running;
+    /* Submits may post without start_mu: cleared (under start_mu) by a
+     * stop before it looks at in_flight, so that a submit either sees it
+     * cleared and waits for the stop, or the stop sees the submit. */
+    atomic_int accepting;
     pthread_t thread;
     struct event_base *base;
     atomic_int wake_fd; /* set once per process (and again in a fork child) */
@@ -72,6 +76,29 @@ int
 ab__on_engine_thread(void)
 {
     return __atomic_load_n(&E.running, __ATOMIC_ACQUIRE) && pthread_equal(pthread_self(), E.thread);
+}
+
+/* Engine thread: what op waits for now (owners read it: ab_op_waiting). */
+static void
+set_wait(ab_op *op, enum ab__wait wait)
+{
+    __atomic_store_n(&op->wait, (unsigned char)wait, __ATOMIC_RELAXED);
+}
+
+void
+ab_op_waiting(const ab_op *op, ab_waiting *out)
+{
+    static const ab_waiting_kind kinds[] = {
+        [AB__WAIT_NONE] = AB_WAITING_NOTHING, [AB__WAIT_EVENT] = AB_WAITING_FD,
+        [AB__WAIT_TIMER] = AB_WAITING_TIMER,  [AB__WAIT_WORK] = AB_WAITING_WORK,
+        [AB__WAIT_PYTHON] = AB_WAITING_PYTHON, [AB__WAIT_CANCEL] = AB_WAITING_CANCEL,
+    };
+    unsigned wait = __atomic_load_n(&op->wait, __ATOMIC_RELAXED);
+    out->kind = wait < sizeof(kinds) / sizeof(kinds[0]) ? kinds[wait] : AB_WAITING_NOTHING;
+    out->fd = out->kind == AB_WAITING_FD ? __atomic_load_n(&op->wait_fd, __ATOMIC_RELAXED) : -1;
+    out->events = out->kind == AB_WAITING_FD
+                      ? __atomic_load_n(&op->wait_events, __ATOMIC_RELAXED)
+                      : 0;
 }
 
 /* ---- stats --------------------------------------------------------------- */
@@ -124,9 +151,9 @@ static void
 finish(ab_op *op)
 {
     op->finished = 1;
-    op->wait = AB__WAIT_NONE;
+    set_wait(op, AB__WAIT_NONE);
     if (!op->submitted)
-        ; /* the engine's own (ab_sink_retire): not counted */
+        ; /* the engine's own calls (ab_engine_call): not counted */
     else if (op->error == -ECANCELED)
         atomic_fetch_add_explicit(&S.cancelled, 1, memory_order_relaxed);
     else
@@ -142,7 +169,7 @@ static void
 resume(ab_op *op, unsigned why)
 {
     op->event = why;
-    op->wait = AB__WAIT_NONE;
+    set_wait(op, AB__WAIT_NONE);
     if (op->type->step(op) == AB_DONE) {
         finish(op);
         return;
@@ -323,32 +350,41 @@ on_wake(evutil_socket_t fd, short what, void *arg)
     drain_inbox(); /* a post that saw `awake` just before it was cleared */
 }
 
+/* Engine-owned ops (no sink, never counted): a function to run on the
+ * engine thread, after everything posted before it. */
+struct engine_call {
+    void (*fn)(void *arg);
+    void *arg;
+    ab_sink *sink; /* ab_sink_retire's: fn is NULL, free_fn below */
+    void (*free_fn)(ab_sink *sink);
+};
+
 static void
-retire_step_free(ab_op *op)
+run_call(struct engine_call *c)
 {
-    struct retire {
-        ab_sink *sink;
-        void (*free_fn)(ab_sink *);
-    } *r = ab_op_state(op);
-    r->free_fn(r->sink);
+    if (c->fn != NULL)
+        c->fn(c->arg);
+    else
+        c->free_fn(c->sink);
 }
 
 static int
-retire_step(ab_op *op)
+call_step(ab_op *op)
 {
-    retire_step_free(op);
+    run_call(ab_op_state(op));
     return ab_return_none(op);
 }
 
-static const ab_op_type retire_type = {
-    .name = "sink_retire",
-    .state_size = sizeof(void *) * 2,
-    .step = retire_step,
+static const ab_op_type call_type = {
+    .name = "engine_call",
+    .state_size = sizeof(struct engine_call),
+    .step = call_step,
 };
 
-/* After the engine thread is gone: what is still on the inbox will never
- * be dispatched.  Retires are done here; other ops lose the inbox's
- * reference and stay abandoned, as every op in flight at a stop. */
+/* After the engine thread is gone with nothing in flight: what is still on
+ * the inbox (cancels of collected ops, calls that raced with the stop) will
+ * never be dispatched.  Calls run here; the others lose the inbox's
+ * reference. */
 static void
 drop_inbox(void)
 {
@@ -358,8 +394,8 @@ drop_inbox(void)
         unsigned ev = atomic_exchange(&op->pending, 0);
         if (ev & AB__HOLDS_REF)
             ab_op_release(op);
-        if (op->type == &retire_type && !op->finished) {
-            retire_step(op);
+        if (op->type == &call_type && !op->finished) {
+            call_step(op);
             op->finished = 1;
             ab_op_release(op); /* the engine-owned reference: frees it */
         }
@@ -397,20 +433,10 @@ register_atfork(void)
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
+/* A base with the wake event and the timer heap; start_mu held. */
 static int
-start_locked(void)
+new_base_locked(void)
 {
-    sigset_t all, old;
-    int rc;
-
-    event_set_log_callback(silent_log);
-    /* The wake fd outlives stops: a pool thread may still post to it. */
-    if (E.wake_fd < 0) {
-        int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-        if (fd < 0)
-            return -errno;
-        atomic_store_explicit(&E.wake_fd, fd, memory_order_release);
-    }
     /* Precise timers: the default coarse clock ticks every 4 ms here, and
      * a timer must never fire early. */
     struct event_config *cfg = event_config_new();
@@ -423,8 +449,47 @@ start_locked(void)
         return -ENOMEM;
     event_assign(&E.wake_ev, E.base, E.wake_fd, EV_READ | EV_PERSIST, on_wake, NULL);
     if (ab__timers_start(E.base, on_timer_due) < 0 || event_add(&E.wake_ev, NULL) < 0) {
-        rc = -EIO;
-        goto fail_base;
+        ab__timers_stop();
+        event_base_free(E.base);
+        E.base = NULL;
+        return -EIO;
+    }
+    return 0;
+}
+
+/* start_mu held, the engine thread joined, nothing in flight: free the
+ * base, and what is left on the inbox. */
+static void
+free_base_locked(void)
+{
+    if (E.base == NULL)
+        return;
+    event_del(&E.wake_ev);
+    ab__timers_stop();
+    event_base_free(E.base);
+    E.base = NULL;
+    drop_inbox();
+}
+
+static int
+start_locked(void)
+{
+    sigset_t all, old;
+    int rc, made_base = 0;
+
+    event_set_log_callback(silent_log);
+    /* The wake fd outlives stops: a pool thread may still post to it. */
+    if (E.wake_fd < 0) {
+        int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (fd < 0)
+            return -errno;
+        atomic_store_explicit(&E.wake_fd, fd, memory_order_release);
+    }
+    /* A base kept by a stop with ops in flight resumes them. */
+    if (E.base == NULL) {
+        if ((rc = new_base_locked()) < 0)
+            return rc;
+        made_base = 1;
     }
     atomic_store(&E.stop_asked, 0);
     /* Signals belong to the threads that asked for them, not to the engine. */
@@ -432,25 +497,25 @@ start_locked(void)
     pthread_sigmask(SIG_BLOCK, &all, &old);
     rc = -pthread_create(&E.thread, NULL, engine_main, NULL);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc < 0)
-        goto fail_base;
+    if (rc < 0) {
+        if (made_base)
+            free_base_locked();
+        return rc;
+    }
     __atomic_store_n(&E.running, 1, __ATOMIC_RELEASE);
-    /* Posts that raced with a stop, or came before the start. */
+    atomic_store(&E.accepting, 1);
+    ab__pool_resume();
+    /* Posts that raced with a stop, or came while it was stopped. */
     if (__atomic_load_n(&E.inbox, __ATOMIC_ACQUIRE) != NULL)
         wake_engine();
     return 0;
-fail_base:
-    ab__timers_stop();
-    event_base_free(E.base);
-    E.base = NULL;
-    return rc;
 }
 
 int
 ab_engine_start(void)
 {
     int rc = 0;
-    if (__atomic_load_n(&E.running, __ATOMIC_ACQUIRE))
+    if (atomic_load(&E.accepting))
         return 0; /* the common case, without the lock */
     pthread_once(&atfork_once, register_atfork);
     pthread_mutex_lock(&E.start_mu);
@@ -460,28 +525,70 @@ ab_engine_start(void)
     return rc;
 }
 
+/* start_mu held, the engine running, not called from it: join it.  Its
+ * last turn answers what was posted before the stop. */
+static void
+stop_locked(void)
+{
+    atomic_store(&E.accepting, 0);
+    atomic_store(&E.stop_asked, 1);
+    wake_engine();
+    pthread_join(E.thread, NULL);
+    __atomic_store_n(&E.running, 0, __ATOMIC_RELEASE);
+}
+
 void
 ab_engine_stop(void)
 {
     pthread_mutex_lock(&E.start_mu);
-    if (E.running && !ab__on_engine_thread()) {
-        atomic_store(&E.stop_asked, 1);
-        wake_engine();
-        pthread_join(E.thread, NULL);
-        __atomic_store_n(&E.running, 0, __ATOMIC_RELEASE);
-        /* Ops still in flight keep their events in the base: leave it. */
-        if (atomic_load(&S.in_flight) == 0) {
-            event_del(&E.wake_ev);
-            ab__timers_stop();
-            event_base_free(E.base);
-        } else {
-            ab__timers_forget();
-        }
+    if (E.running && !ab__on_engine_thread())
+        stop_locked();
+    /* Ops still in flight keep the base, their waits and what was posted
+     * to them: a start resumes them. */
+    int idle = atomic_load(&S.in_flight) == 0;
+    if (!E.running && idle)
+        free_base_locked();
+    pthread_mutex_unlock(&E.start_mu);
+    ab__pool_stop(idle);
+}
+
+int
+ab_engine_stop_if_idle(void)
+{
+    pthread_mutex_lock(&E.start_mu);
+    /* Dekker with ab_submit, which counts in_flight before it looks at
+     * `accepting`: either it sees the flag cleared and waits for start_mu,
+     * or this sees its op. */
+    atomic_store(&E.accepting, 0);
+    if (atomic_load(&S.in_flight) != 0 || ab__on_engine_thread()) {
+        if (E.running)
+            atomic_store(&E.accepting, 1);
+        pthread_mutex_unlock(&E.start_mu);
+        return 0;
+    }
+    if (E.running)
+        stop_locked();
+    free_base_locked();
+    pthread_mutex_unlock(&E.start_mu);
+    ab__pool_stop(1);
+    return 1;
+}
+
+void
+ab_engine_abandon(void)
+{
+    pthread_mutex_lock(&E.start_mu);
+    if (E.running && !ab__on_engine_thread())
+        stop_locked();
+    if (!E.running) {
+        /* Leaked with the ops whose waits it holds: nothing may run them. */
         E.base = NULL;
-        drop_inbox();
+        ab__timers_forget();
+        __atomic_store_n(&E.inbox, NULL, __ATOMIC_RELEASE);
+        atomic_store(&S.in_flight, 0);
+        ab__pool_forget();
     }
     pthread_mutex_unlock(&E.start_mu);
-    ab__pool_stop();
 }
 
 static void
@@ -529,6 +636,7 @@ atfork_child(void)
     E.park = PARK_NONE;
     atomic_store(&E.park_asked, 0);
     __atomic_store_n(&E.running, 0, __ATOMIC_RELEASE);
+    atomic_store(&E.accepting, 0);
     E.base = NULL;
     ab__timers_forget();
     E.wake_fd = -1; /* the inherited copy stays open: a stale post may hit it */
@@ -541,17 +649,20 @@ atfork_child(void)
 int
 ab_submit(ab_op *op, ab_sink *sink)
 {
-    int rc = ab_engine_start();
-    if (rc < 0)
-        return rc;
     if (op->submitted)
         return AB_ESTATE;
+    /* Counted before the engine is looked at: see ab_engine_stop_if_idle. */
+    atomic_fetch_add(&S.in_flight, 1);
+    int rc = ab_engine_start();
+    if (rc < 0) {
+        atomic_fetch_sub(&S.in_flight, 1);
+        return rc;
+    }
     op->submitted = 1;
     op->sink = sink;
     op->generation = ab_fork_generation();
     atomic_fetch_add_explicit(&op->refs, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&S.submitted, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&S.in_flight, 1, memory_order_relaxed);
     ab__engine_post(op, AB_EV_START);
     return 0;
 }
@@ -573,24 +684,40 @@ ab_python_done(ab_op *op, int failed)
     ab__engine_post(op, AB_EV_PYTHON);
 }
 
-void
-ab_sink_retire(ab_sink *sink, void (*free_fn)(ab_sink *))
+/* Run c on the engine thread after what was posted before it, or here at
+ * once if the engine is not running (then nothing else runs there). */
+static void
+post_call(const struct engine_call *c)
 {
     /* Under start_mu: a stop running now either sees this post in its
      * last drain or has already stopped the engine. */
     pthread_mutex_lock(&E.start_mu);
-    ab_op *op = E.running ? ab_op_new(&retire_type) : NULL;
+    ab_op *op = E.running ? ab_op_new(&call_type) : NULL;
     if (op != NULL) {
-        void **r = ab_op_state(op);
-        r[0] = sink;
-        r[1] = (void *)free_fn;
+        *(struct engine_call *)ab_op_state(op) = *c;
         /* Engine-owned: no sink; the engine frees it when done. */
         op->generation = ab_fork_generation();
         ab__engine_post(op, AB_EV_START);
     }
     pthread_mutex_unlock(&E.start_mu);
-    if (op == NULL)
-        free_fn(sink);
+    if (op == NULL) {
+        struct engine_call copy = *c;
+        run_call(&copy);
+    }
+}
+
+void
+ab_engine_call(void (*fn)(void *arg), void *arg)
+{
+    struct engine_call c = {.fn = fn, .arg = arg};
+    post_call(&c);
+}
+
+void
+ab_sink_retire(ab_sink *sink, void (*free_fn)(ab_sink *))
+{
+    struct engine_call c = {.sink = sink, .free_fn = free_fn};
+    post_call(&c);
 }
 
 /* ---- awaits, on the engine thread -------------------------------------------- */
@@ -643,7 +770,7 @@ ab_await_timer(ab_op *op, double seconds)
         seconds = 0;
     int rc = ab__timer_add(op, ab__now_ns() + (uint64_t)ceil(seconds * 1e9));
     if (rc == 0)
-        op->wait = AB__WAIT_TIMER;
+        set_wait(op, AB__WAIT_TIMER);
     return rc;
 }
 
@@ -677,14 +804,17 @@ ab_await_fd(ab_op *op, int fd, unsigned events, double timeout)
         op->ev = NULL;
         return err;
     }
-    op->wait = AB__WAIT_EVENT;
+    __atomic_store_n(&op->wait_fd, fd, __ATOMIC_RELAXED);
+    __atomic_store_n(&op->wait_events, (unsigned char)(events & (AB_EV_READ | AB_EV_WRITE)),
+                     __ATOMIC_RELAXED);
+    set_wait(op, AB__WAIT_EVENT);
     return 0;
 }
 
 int
 ab_await_cancel(ab_op *op)
 {
-    op->wait = AB__WAIT_CANCEL;
+    set_wait(op, AB__WAIT_CANCEL);
     return 0;
 }
 
@@ -694,7 +824,7 @@ ab_await_work(ab_op *op, ab_work_fn fn)
     op->work = fn;
     int rc = ab__pool_submit(op);
     if (rc == 0)
-        op->wait = AB__WAIT_WORK;
+        set_wait(op, AB__WAIT_WORK);
     return rc;
 }
 
@@ -705,7 +835,7 @@ ab_await_python(ab_op *op, int slot)
         return AB_ESTATE;
     op->python_slot = slot;
     op->python_failed = 0;
-    op->wait = AB__WAIT_PYTHON;
+    set_wait(op, AB__WAIT_PYTHON);
     sink_push(op->sink, op, AB_MSG_PYTHON);
     return 0;
 }

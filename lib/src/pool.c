@@ -3,7 +3,9 @@
  * The engine queues an op; a worker runs op->work(op) without any lock
  * held and posts AB_EV_WORK back to the engine.  Threads start on first
  * use; their number follows ab_pool_configure, growing at once and
- * shrinking as idle workers notice. */
+ * shrinking as idle workers notice.  Workers are joinable: one that left
+ * is joined by the next grow or stop, so that a stopped pool has no thread
+ * left at all (a fork must not count one). */
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -16,13 +18,20 @@
 
 #include "ab-internal.h"
 
+struct worker {
+    pthread_t thread;
+    int left; /* returned from worker_main: join it */
+    struct worker *next;
+};
+
 static struct pool {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     ab_op *head, *tail;
     int target;  /* threads wanted; 0 = CPU count */
-    int threads; /* threads alive */
+    int threads; /* workers not yet leaving */
     int stopping;
+    struct worker *workers;
 } P = {
     .mu = PTHREAD_MUTEX_INITIALIZER,
     .cv = PTHREAD_COND_INITIALIZER,
@@ -40,7 +49,7 @@ wanted(void)
 static void *
 worker_main(void *arg)
 {
-    (void)arg;
+    struct worker *self = arg;
     pthread_setname_np(pthread_self(), "ab-worker");
 #ifdef __linux__
     /* A worker yields the CPU to the threads that run event loops: with
@@ -66,8 +75,39 @@ worker_main(void *arg)
         pthread_mutex_lock(&P.mu);
     }
     P.threads--;
+    self->left = 1;
     pthread_mutex_unlock(&P.mu);
     return NULL;
+}
+
+/* With P.mu held: take the workers that left off the list, to join them
+ * once P.mu is released. */
+static struct worker *
+take_left(void)
+{
+    struct worker *left = NULL, **link = &P.workers;
+    while (*link != NULL) {
+        struct worker *w = *link;
+        if (w->left) {
+            *link = w->next;
+            w->next = left;
+            left = w;
+        } else {
+            link = &w->next;
+        }
+    }
+    return left;
+}
+
+static void
+join_all(struct worker *list)
+{
+    while (list != NULL) {
+        struct worker *next = list->next;
+        pthread_join(list->thread, NULL);
+        free(list);
+        list = next;
+    }
 }
 
 /* With P.mu held. */
@@ -79,11 +119,18 @@ grow(void)
     pthread_sigmask(SIG_BLOCK, &all, &old);
     int rc = 0;
     while (P.threads < wanted()) {
-        pthread_t t;
-        rc = -pthread_create(&t, NULL, worker_main, NULL);
-        if (rc < 0)
+        struct worker *w = calloc(1, sizeof(*w));
+        if (w == NULL) {
+            rc = -ENOMEM;
             break;
-        pthread_detach(t);
+        }
+        rc = -pthread_create(&w->thread, NULL, worker_main, w);
+        if (rc < 0) {
+            free(w);
+            break;
+        }
+        w->next = P.workers;
+        P.workers = w;
         P.threads++;
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -99,7 +146,9 @@ ab_pool_configure(int workers)
     P.target = workers;
     int rc = P.threads > 0 ? grow() : 0;
     pthread_cond_broadcast(&P.cv); /* let extra workers leave */
+    struct worker *left = take_left();
     pthread_mutex_unlock(&P.mu);
+    join_all(left);
     return rc;
 }
 
@@ -127,17 +176,42 @@ ab__pool_submit(ab_op *op)
         P.tail = op;
         pthread_cond_signal(&P.cv);
     }
+    struct worker *left = take_left();
     pthread_mutex_unlock(&P.mu);
+    join_all(left);
     return rc;
 }
 
 void
-ab__pool_stop(void)
+ab__pool_resume(void)
+{
+    pthread_mutex_lock(&P.mu);
+    P.stopping = 0;
+    if (P.head != NULL)
+        grow();
+    pthread_mutex_unlock(&P.mu);
+}
+
+void
+ab__pool_stop(int join)
 {
     pthread_mutex_lock(&P.mu);
     P.stopping = 1;
-    P.head = P.tail = NULL;
     pthread_cond_broadcast(&P.cv);
+    struct worker *list = P.workers;
+    if (join)
+        P.workers = NULL;
+    pthread_mutex_unlock(&P.mu);
+    if (!join)
+        return; /* a worker may be in a long function: it leaves after it */
+    join_all(list);
+}
+
+void
+ab__pool_forget(void)
+{
+    pthread_mutex_lock(&P.mu);
+    P.head = P.tail = NULL;
     pthread_mutex_unlock(&P.mu);
 }
 
@@ -153,4 +227,9 @@ ab__pool_atfork_child(void)
     P.head = P.tail = NULL;
     P.threads = 0;
     P.stopping = 0;
+    while (P.workers != NULL) {
+        struct worker *next = P.workers->next;
+        free(P.workers);
+        P.workers = next;
+    }
 }

@@ -38,7 +38,7 @@ async def scenario(n):
     # Hand-driven ops whose Op object is dropped while in flight.
     futs = []
     for i in range(n):
-        op = ab.sleep(0.01 * (i % 3), result=i)
+        op = ab.sleep(0.001 + 0.01 * (i % 3), result=i)
         futs.append(op.send(None))
         del op
     gc.collect()

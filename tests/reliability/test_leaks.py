@@ -131,9 +131,13 @@ def test_blocks_and_fds(loop_name, tmp_path, delivery, figure):
     import sys
     out = run(sys.executable, loop_name, tmp_path, delivery)
     blocks, fds = summarize(out, 1), summarize(out, 2)
-    # Blocks wobble by one either way (free lists, the loop's timer heap);
-    # a leak (here at least one block per op, 50 a round) grows every round.
-    bad_blocks = {k: v for k, v in blocks.items() if all(d > 0 for d in v)}
+    # Blocks wobble by a few either way (free lists, the loop's timer heap,
+    # and with call_soon_threadsafe delivery the courier thread allocating
+    # beside the snapshot: one block a round for every kind, control
+    # included, in about 1 run of 3 before and after issue 8); a leak of
+    # one block per 5 ops (10 a round; a per-op leak is 50) grows every
+    # round.
+    bad_blocks = {k: v for k, v in blocks.items() if all(d >= 10 for d in v)}
     wobble = {k: v for k, v in blocks.items() if any(v)}
     bad_fds = {k: v for k, v in fds.items() if any(v)}
     figure(f"{len(blocks)} op kinds x (3 warm-up + 3 measured rounds of 50 ops): "

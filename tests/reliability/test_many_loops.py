@@ -26,7 +26,7 @@ async def worker(tid, n):
     loop = asyncio.get_running_loop()
     wrong = 0
     for base in range(0, n, 100):
-        ops = [ab.nop((tid, i)) if i % 2 else ab.sleep(0, result=(tid, i))
+        ops = [ab.nop((tid, i)) if i % 2 else ab.sleep(1e-6, result=(tid, i))
                for i in range(base, min(base + 100, n))]
         got = await asyncio.gather(*ops)
         wrong += sum(g != (tid, i) for i, g in zip(range(base, base + 100), got))
@@ -36,7 +36,7 @@ async def worker(tid, n):
 
 
 async def short(k):
-    return await asyncio.gather(ab.nop(k), ab.sleep(0, k), ab.nop(k))
+    return await asyncio.gather(ab.nop(k), ab.sleep(1e-6, k), ab.nop(k))
 
 
 def test_many_loops(figure):
