@@ -713,6 +713,10 @@ ab_courier_running(void)
 void
 ab_threads_stop_if_idle(void)
 {
+    /* Closes that only a poll finds (call_soon_threadsafe delivery): look
+     * now rather than at the courier's next poll. */
+    if (atomic_load(&C.watched) > 0 && atomic_load(&C.busy_bridges) == 0)
+        poll_bridges();
     if (!courier_stop(1))
         return;
     Py_BEGIN_ALLOW_THREADS

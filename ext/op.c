@@ -662,9 +662,12 @@ op_resume(OpObject *self, ab_state *st, PyObject **presult)
     if (r == PYGEN_NEXT)
         return r;
     if (r == PYGEN_ERROR && !future_is_done(st, py->future)) {
+        /* The native op comes back cancelled and cancels the Future. */
         PyObject *exc = ab_err_take();
         stop_native(self, st);
+        Py_CLEAR(py->iter);
         ab_err_raise(exc);
+        return r;
     }
     self->phase = OP_DONE;
     Py_CLEAR(py->iter);
@@ -1008,16 +1011,18 @@ op_finalize(OpObject *self)
     PyObject *exc = ab_err_take();
     self->phase = OP_DONE;
     ab_state *st = ab_global_state;
-    int rc;
+    int warned = 0;
     if (st != NULL) {
         PyObject *r = PyObject_CallOneArg(st->warn_unawaited, (PyObject *)self);
-        rc = r != NULL ? 0 : -1;
+        warned = r != NULL || PyErr_ExceptionMatches(PyExc_RuntimeWarning);
         Py_XDECREF(r);
-    } else {
-        rc = PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "coroutine '%s' was never awaited",
-                              ab_op_type_of(self->op)->name);
     }
-    if (rc < 0)
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable((PyObject *)self);
+    /* As CPython for a coroutine: the plain warning if that failed (at
+     * interpreter exit it cannot import what it needs). */
+    if (!warned && PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "coroutine '%s' was never awaited",
+                                    ab_op_type_of(self->op)->name) < 0)
         PyErr_WriteUnraisable((PyObject *)self);
     ab_err_raise(exc);
 }

@@ -12,8 +12,10 @@ import os
 import socket
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -144,15 +146,16 @@ def new_loop(loop_name):
 def run_script(tmp_path, delivery, loop_name):
     """Run SCRIPT_PRELUDE + source in a fresh interpreter (no -X dev) with
     this test's loop and delivery; returns the CompletedProcess with a
-    `wall` attribute (seconds)."""
+    `wall` attribute (seconds).  prelude=False runs source alone (for
+    what must happen before asyncio_bridge is imported)."""
 
-    def run(source, *, timeout=15.0, env=None):
+    def run(source, *, timeout=15.0, env=None, prelude=True):
         environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTHONDEV")}
         environ.pop("PYTHONWARNINGS", None)
         environ["ASYNCIO_BRIDGE_DELIVERY"] = delivery
         environ.update(env or {})
         script = tmp_path / "script.py"
-        script.write_text(SCRIPT_PRELUDE + textwrap.dedent(source))
+        script.write_text((SCRIPT_PRELUDE if prelude else "") + textwrap.dedent(source))
         start = time.monotonic()
         proc = subprocess.run(
             [sys.executable, str(script), loop_name],
@@ -175,3 +178,22 @@ def sock_pair():
     yield a, b
     a.close()
     b.close()
+
+
+@pytest.fixture(scope="session")
+def testops(tmp_path_factory):
+    """The abr_testops extension (abr_testops.c), compiled against the
+    installed headers exactly as a third-party extension is."""
+    out = tmp_path_factory.mktemp("testops")
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    target = out / f"abr_testops{suffix}"
+    cc = os.environ.get("CC", "cc")
+    cmd = [cc, "-shared", "-fPIC", "-O1", "-g", "-Wall", "-Werror",
+           f"-I{sysconfig.get_paths()['include']}", f"-I{asyncio_bridge.get_include()}",
+           str(Path(__file__).parent / "reliability" / "abr_testops.c"), "-o", str(target)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"cannot build abr_testops: {' '.join(cmd)}\n{proc.stderr}"
+    sys.path.insert(0, str(out))
+    import abr_testops
+
+    return abr_testops

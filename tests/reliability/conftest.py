@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import textwrap
 import time
 from pathlib import Path
@@ -146,22 +145,3 @@ def run_script(tmp_path, delivery):
         return proc
 
     return run
-
-
-@pytest.fixture(scope="session")
-def testops(tmp_path_factory):
-    """The abr_testops extension (abr_testops.c), compiled against the
-    installed headers exactly as a third-party extension is."""
-    out = tmp_path_factory.mktemp("testops")
-    suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    target = out / f"abr_testops{suffix}"
-    cc = os.environ.get("CC", "cc")
-    cmd = [cc, "-shared", "-fPIC", "-O1", "-g", "-Wall", "-Werror",
-           f"-I{sysconfig.get_paths()['include']}", f"-I{asyncio_bridge.get_include()}",
-           str(HERE / "abr_testops.c"), "-o", str(target)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"cannot build abr_testops: {' '.join(cmd)}\n{proc.stderr}"
-    sys.path.insert(0, str(out))
-    import abr_testops
-
-    return abr_testops
