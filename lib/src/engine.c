@@ -544,12 +544,13 @@ ab_engine_stop(void)
     if (E.running && !ab__on_engine_thread())
         stop_locked();
     /* Ops still in flight keep the base, their waits and what was posted
-     * to them: a start resumes them. */
+     * to them: a start resumes them.  The pool stops under start_mu too: a
+     * start after it must find only workers of its own. */
     int idle = atomic_load(&S.in_flight) == 0;
     if (!E.running && idle)
         free_base_locked();
-    pthread_mutex_unlock(&E.start_mu);
     ab__pool_stop(idle);
+    pthread_mutex_unlock(&E.start_mu);
 }
 
 int
@@ -569,8 +570,8 @@ ab_engine_stop_if_idle(void)
     if (E.running)
         stop_locked();
     free_base_locked();
-    pthread_mutex_unlock(&E.start_mu);
     ab__pool_stop(1);
+    pthread_mutex_unlock(&E.start_mu);
     return 1;
 }
 

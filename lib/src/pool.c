@@ -20,7 +20,8 @@
 
 struct worker {
     pthread_t thread;
-    int left; /* returned from worker_main: join it */
+    int leave; /* told to leave (a stop, or the pool shrank) */
+    int left;  /* returned from worker_main: join it */
     struct worker *next;
 };
 
@@ -29,8 +30,7 @@ static struct pool {
     pthread_cond_t cv;
     ab_op *head, *tail;
     int target;  /* threads wanted; 0 = CPU count */
-    int threads; /* workers not yet leaving */
-    int stopping;
+    int threads; /* workers not told to leave */
     struct worker *workers;
 } P = {
     .mu = PTHREAD_MUTEX_INITIALIZER,
@@ -59,10 +59,15 @@ worker_main(void *arg)
 #endif
     pthread_mutex_lock(&P.mu);
     for (;;) {
-        while (P.head == NULL && !P.stopping && P.threads <= wanted())
+        while (P.head == NULL && !self->leave && P.threads <= wanted())
             pthread_cond_wait(&P.cv, &P.mu);
-        if (P.stopping || P.threads > wanted())
+        if (self->leave)
             break;
+        if (P.threads > wanted()) {
+            P.threads--;
+            self->leave = 1;
+            break;
+        }
         ab_op *op = P.head;
         P.head = op->pool_next;
         if (P.head == NULL)
@@ -74,7 +79,6 @@ worker_main(void *arg)
         ab__engine_post(op, AB_EV_WORK);
         pthread_mutex_lock(&P.mu);
     }
-    P.threads--;
     self->left = 1;
     pthread_mutex_unlock(&P.mu);
     return NULL;
@@ -165,7 +169,6 @@ int
 ab__pool_submit(ab_op *op)
 {
     pthread_mutex_lock(&P.mu);
-    P.stopping = 0;
     int rc = grow();
     if (rc == 0) {
         op->pool_next = NULL;
@@ -186,24 +189,32 @@ void
 ab__pool_resume(void)
 {
     pthread_mutex_lock(&P.mu);
-    P.stopping = 0;
     if (P.head != NULL)
         grow();
     pthread_mutex_unlock(&P.mu);
 }
 
+/* Every worker there is now leaves (workers a later submit starts are
+ * new ones, whatever this stop is doing). */
 void
 ab__pool_stop(int join)
 {
     pthread_mutex_lock(&P.mu);
-    P.stopping = 1;
+    for (struct worker *w = P.workers; w != NULL; w = w->next) {
+        if (!w->leave) {
+            w->leave = 1;
+            P.threads--;
+        }
+    }
     pthread_cond_broadcast(&P.cv);
-    struct worker *list = P.workers;
-    if (join)
+    struct worker *list = NULL;
+    if (join) {
+        list = P.workers;
         P.workers = NULL;
+    }
     pthread_mutex_unlock(&P.mu);
-    if (!join)
-        return; /* a worker may be in a long function: it leaves after it */
+    /* Not joined, a worker in a long function leaves after it; the next
+     * grow or stop joins it. */
     join_all(list);
 }
 
@@ -226,7 +237,6 @@ ab__pool_atfork_child(void)
     pthread_cond_init(&P.cv, NULL);
     P.head = P.tail = NULL;
     P.threads = 0;
-    P.stopping = 0;
     while (P.workers != NULL) {
         struct worker *next = P.workers->next;
         free(P.workers);
