@@ -802,6 +802,75 @@ def measure_pool(loops, total, bridge, log) -> dict:
     return summary
 
 
+# --------------------------------------------------------------------------
+# Drain budget: how long one delivery pass may hold the loop
+# --------------------------------------------------------------------------
+
+DRAIN_BUDGETS = {"unbounded": 60.0, "8 ms": 0.008, "2 ms (default)": 0.002,
+                 "0.5 ms": 0.0005}
+
+
+async def burst_with_ticker(sleep, count: int) -> dict:
+    """`count` tasks whose ops all finish at one moment (a shared deadline),
+    with a 1 ms ticker on the loop: how long the burst takes to deliver and
+    how late the ticker runs meanwhile."""
+    loop = asyncio.get_running_loop()
+    stop, lags = asyncio.Event(), []
+    tick_task = asyncio.create_task(ticker(stop, lags))
+    deadline = loop.time() + 0.3 + count * 20e-6  # every task made before it
+
+    async def one(i):
+        return await sleep(deadline - loop.time(), i)
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(count)]
+    await asyncio.sleep(max(deadline - loop.time() - 0.05, 0))
+    lags.clear()
+    results = await asyncio.gather(*tasks)
+    delivered = loop.time() - deadline
+    stop.set()
+    await tick_task
+    lags.sort()
+    return {"ok": results == list(range(count)), "burst_ms": delivered * 1e3,
+            "lag_p99_ms": percentile(lags, 0.99), "lag_max_ms": lags[-1],
+            "ticks": len(lags)}
+
+
+async def budget_throughput(nop, total: int) -> dict:
+    start = time.perf_counter()
+    await drive(nop, total, IN_FLIGHT)
+    return {"us_per_op": (time.perf_counter() - start) / total * 1e6}
+
+
+def measure_drain_budget(loops, bridge, rounds, burst, total, log) -> dict:
+    if bridge is None:
+        return {"status": "not available"}
+    default = bridge.configure()["drain_budget"]
+    raw = {}
+    try:
+        for round_index in range(rounds):
+            names = list(DRAIN_BUDGETS)
+            if round_index % 2:
+                names.reverse()
+            for loop_name in loops:
+                for name in names:
+                    bridge.configure(drain_budget=DRAIN_BUDGETS[name])
+                    log(f"  drain budget round {round_index + 1}: {name} on {loop_name}")
+                    row = run_on_fresh_loop(loop_name, burst_with_ticker, bridge.sleep,
+                                            burst)
+                    row |= run_on_fresh_loop(loop_name, budget_throughput, bridge.nop,
+                                             total)
+                    raw.setdefault((loop_name, name), []).append(row)
+    finally:
+        bridge.configure(drain_budget=default)
+    summary = {"status": "ok", "burst": burst, "throughput_ops": total, "rounds": rounds}
+    for (loop_name, name), rows in raw.items():
+        summary.setdefault(loop_name, {})[name] = {
+            "all_delivered": all(r["ok"] for r in rows),
+            **{key: statistics.median(r[key] for r in rows)
+               for key in ("burst_ms", "lag_p99_ms", "lag_max_ms", "us_per_op")}}
+    return summary
+
+
 def _same_output(compress, payload, expected) -> bool | str:
     try:
         produced = asyncio.run(_await(compress(payload)))
@@ -989,6 +1058,22 @@ def render_table(results, contenders) -> str:
                 f"lag p50 {row['lag_p50_ms']:.2f} ms  "
                 f"p99 {row['lag_p99_ms']:.2f} ms")
     out("")
+    drain = results.get("drain_budget", {})
+    if drain.get("status") == "ok":
+        out(f"Drain budget: a burst of {drain['burst']} tasks whose ops finish at "
+            f"one moment, with a 1 ms ticker; throughput as above "
+            f"({drain['throughput_ops']} ops, {IN_FLIGHT} in flight); median of "
+            f"{drain['rounds']} rounds:")
+        for loop_name in results["throughput"]:
+            for name, row in drain.get(loop_name, {}).items():
+                out(f"  {loop_name:8} {name:15} burst delivered in "
+                    f"{row['burst_ms']:6.1f} ms   ticker lag p99 "
+                    f"{row['lag_p99_ms']:5.2f} ms  max {row['lag_max_ms']:5.2f} ms   "
+                    f"{row['us_per_op']:.2f} us/op"
+                    + ("" if row["all_delivered"] else "   WRONG RESULTS"))
+    else:
+        out(f"Drain budget: {drain.get('status', 'not measured')}")
+    out("")
     out("Targets:")
     for target in results["targets"]:
         figure = fmt(target["figure"])
@@ -1118,6 +1203,8 @@ def main(argv=None) -> int:
         "timer_delay": 0.05,
         "timer_rounds": 1 if quick else 3,
         "pool_ops": 300 if quick else 1500,
+        "drain_rounds": 1 if quick else 3,
+        "drain_burst": 10_000,
     }
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -1147,6 +1234,10 @@ def main(argv=None) -> int:
         config["timer_rounds"], bridge, log)
     log("pool")
     results["pool"] = measure_pool(loops, config["pool_ops"], bridge, log)
+    log("drain budget")
+    results["drain_budget"] = measure_drain_budget(
+        loops, bridge, config["drain_rounds"], config["drain_burst"],
+        config["throughput_ops"], log)
     if bridge is not None:
         results["bridge_stats_at_end"] = dict(bridge.stats())
 
