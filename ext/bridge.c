@@ -11,10 +11,12 @@
  * The loop owns its bridge through an anchor (ext.h): close() or the loop's
  * end frees the anchor, and the bridge lets go at once: its ops in flight
  * are cancelled and released as they come back, resolving nothing, and its
- * eventfd is closed.  The courier polls is_closed() only for what no anchor
- * tells (call_soon_threadsafe delivery, loops that drop nothing on close),
+ * eventfd is closed.  The courier polls is_closed() only where no anchor
+ * tells (call_soon_threadsafe delivery: the attribute outlives close()),
  * and stops the engine and itself once no loop is open and nothing is in
- * flight. */
+ * flight.  Nothing on an op's path wakes the courier: with one op at a
+ * time, two wake-ups of another thread per op cost a third of its
+ * latency. */
 #include "ext.h"
 
 #include <pthread.h>
@@ -44,7 +46,6 @@ static struct courier {
     enum courier_state state;
     int stop;
     bridge_native *wake_list;
-    atomic_int busy_bridges; /* bridges with ops in flight: polled */
     atomic_int watched;      /* open bridges whose close only a poll finds */
     atomic_int open_bridges; /* bridges whose loop has not let go */
     PyInterpreterState *interp;
@@ -132,14 +133,6 @@ close_efd(void *arg)
 
 /* ---- the bridge's list of ops in flight -------------------------------------- */
 
-static void
-courier_signal(void)
-{
-    pthread_mutex_lock(&C.mu);
-    pthread_cond_signal(&C.cv);
-    pthread_mutex_unlock(&C.mu);
-}
-
 void
 ab_bridge_track(BridgeObject *b, OpPy *op)
 {
@@ -148,10 +141,7 @@ ab_bridge_track(BridgeObject *b, OpPy *op)
     op->prev = head;
     head->next->prev = op;
     head->next = op;
-    /* The courier may sleep without a timeout while nothing is in flight:
-     * it has closed loops to look for again. */
-    if (b->in_flight++ == 0 && atomic_fetch_add(&C.busy_bridges, 1) == 0)
-        courier_signal();
+    b->in_flight++;
 }
 
 void
@@ -160,8 +150,7 @@ ab_bridge_untrack(BridgeObject *b, OpPy *op)
     op->prev->next = op->next;
     op->next->prev = op->prev;
     op->prev = op->next = NULL;
-    if (--b->in_flight == 0 && atomic_fetch_sub(&C.busy_bridges, 1) == 1)
-        courier_signal(); /* maybe idle now */
+    b->in_flight--;
 }
 
 /* ---- registry: {id(loop): the bridge's address}, borrowed ---------------------- */
@@ -353,7 +342,7 @@ poll_one(BridgeObject *b)
     if (b->native == NULL)
         return;
     int dead = atomic_load(&b->native->dead);
-    if (!dead && (b->in_flight > 0 || b->delivery == DELIVERY_CST) && loop_is_closed(b))
+    if (!dead && b->delivery == DELIVERY_CST && loop_is_closed(b))
         let_go(b);
     else if (dead)
         drain_dead(b);
@@ -455,7 +444,7 @@ courier_next(int holds_tstate, struct timespec *next_poll, struct timespec *idle
             return JOB_WORK;
         struct timespec now;
         clock_gettime(CLOCK_MONOTONIC, &now);
-        if (atomic_load(&C.busy_bridges) > 0 || atomic_load(&C.watched) > 0) {
+        if (atomic_load(&C.watched) > 0) {
             idle_since->tv_sec = 0;
             if (ts_reached(&now, next_poll))
                 return JOB_POLL;
@@ -715,7 +704,7 @@ ab_threads_stop_if_idle(void)
 {
     /* Closes that only a poll finds (call_soon_threadsafe delivery): look
      * now rather than at the courier's next poll. */
-    if (atomic_load(&C.watched) > 0 && atomic_load(&C.busy_bridges) == 0)
+    if (atomic_load(&C.watched) > 0 && nothing_in_flight())
         poll_bridges();
     if (!courier_stop(1))
         return;
@@ -1177,7 +1166,6 @@ ab_bridges_after_fork(ab_state *st)
     BridgeObject *b = C.all;
     st->last_bridge = NULL;
     st->last_loop = NULL;
-    atomic_store(&C.busy_bridges, 0);
     while (b != NULL) {
         BridgeObject *next = b->all_next;
         Py_INCREF(b);
@@ -1204,7 +1192,6 @@ ab_bridges_after_fork(ab_state *st)
     }
     PyDict_Clear(st->bridges);
     PyDict_Clear(st->rooted);
-    atomic_store(&C.busy_bridges, 0);
     atomic_store(&C.open_bridges, 0);
     atomic_store(&C.watched, 0);
 }
@@ -1230,7 +1217,6 @@ ab_bridges_abandon(void)
     for (BridgeObject *b = C.all; b != NULL; b = b->all_next)
         b->all_prev = NULL;
     C.all = NULL;
-    atomic_store(&C.busy_bridges, 0);
     atomic_store(&C.open_bridges, 0);
     atomic_store(&C.watched, 0);
 }

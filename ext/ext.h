@@ -117,7 +117,6 @@ typedef struct {
         *str_cancelled;
     PyObject *str_call_exception_handler, *str_anchor_attr;
     PyObject *warn_unawaited;      /* warnings._warn_unawaited_coroutine */
-    PyObject *origin_depth;        /* sys.get_coroutine_origin_tracking_depth */
     PyObject *frame_globals;       /* globals of the ops' synthetic frames */
     PyObject *codes;               /* {ab_op_type address: code object} */
     PyObject *rooted;              /* {key: anchor} for loops that cannot hold one */

@@ -190,7 +190,7 @@ import_attr(const char *module, const char *name)
 #define AB_STATE_OBJECTS(X)                                                   \
     X(op_type) X(bridge_type) X(anchor_type) X(fork_error) X(bridges) X(rooted) \
     X(get_running_loop) X(cancelled_error) X(invalid_state_error) X(future_type) \
-    X(ensure_future) X(base_create_future) X(warn_unawaited) X(origin_depth)  \
+    X(ensure_future) X(base_create_future) X(warn_unawaited)                  \
     X(frame_globals) X(codes) X(kw_loop) X(str_create_future) X(str_set_result) \
     X(str_set_exception) X(str_done) X(str_cancel) X(str_cancelled) X(str_result) \
     X(str_exception) X(str_call_soon_threadsafe) X(str_drain) X(str_is_closed) \
@@ -225,8 +225,7 @@ import_names(ab_state *st)
         (st->invalid_state_error = import_attr("asyncio", "InvalidStateError")) == NULL ||
         (st->future_type = import_attr("asyncio", "Future")) == NULL ||
         (st->ensure_future = import_attr("asyncio", "ensure_future")) == NULL ||
-        (st->warn_unawaited = import_attr("warnings", "_warn_unawaited_coroutine")) == NULL ||
-        (st->origin_depth = import_attr("sys", "get_coroutine_origin_tracking_depth")) == NULL)
+        (st->warn_unawaited = import_attr("warnings", "_warn_unawaited_coroutine")) == NULL)
         return -1;
     PyObject *base_loop = import_attr("asyncio", "BaseEventLoop");
     if (base_loop == NULL)
