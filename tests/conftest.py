@@ -30,7 +30,8 @@ LOOP_FACTORIES = {
 DELIVERIES = ("call_soon_threadsafe", "add_reader")
 
 # The native release of a cancelled op travels engine -> bridge, and after a
-# loop closed it waits for the bridge's watchdog (about 1 s).
+# loop closed with call_soon_threadsafe delivery it waits for the courier's
+# poll (every 0.25 s).
 SETTLE_SECONDS = 3.0
 
 # Put at the top of every subprocess script: the loop named by argv[1].

@@ -24,8 +24,9 @@ Before the rounds the script runs one op to completion and waits 0.3 s, as
 a program that used the bridge earlier would: the courier is then idle.
 
 Pass: exit 0, empty stderr, no call on the closed loop, no Future changes
-state after close, in_flight back to 0 within 1.5 s of close (the courier
-looks for closed loops every 250 ms).
+state after close, in_flight back to 0 within 1.5 s of close (with
+add_reader delivery close() frees the bridge's anchor at once; with
+call_soon_threadsafe the courier looks for closed loops every 250 ms).
 """
 
 import json

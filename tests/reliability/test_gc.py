@@ -4,8 +4,8 @@ Ops and their tasks dropped mid-flight, in reference cycles, and collected
 with gc.collect(); ops driven by hand whose Op object is dropped while the
 native side runs; a finished op's weakref.  Pass: no crash, nothing in
 gc.garbage, no "Task was destroyed but it is pending" (the loop's exception
-handler records everything; in-flight ops are roots, as a loop's timers
-are, so a task awaiting one is never collected under it), the dropped
+handler records everything; a running loop owns its ops in flight, as it
+owns its timers, so a task awaiting one is never collected under it), the dropped
 tasks still finish, the native side freed (in_flight back to 0), and the
 finished op's weakref dead after collection.
 """
