@@ -33,8 +33,9 @@ typedef struct OpPy {
     PyObject *outcome;      /* its result or exception */
     PyObject **kept;
     Py_buffer **views;
-    int nkept, nviews;
-    int exit_op;            /* started while the interpreter exits */
+    int nkept;
+    unsigned short nviews;  /* at most USHRT_MAX pinned buffers per op */
+    unsigned char exit_op;  /* started while the interpreter exits */
     struct OpPy *prev, *next; /* the bridge's list of ops in flight */
 } OpPy;
 

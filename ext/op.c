@@ -7,6 +7,7 @@
 #include "ext.h"
 
 #include <frameobject.h>
+#include <limits.h>
 #include <structmember.h>
 
 /* ---- the Python side of an ab_op: kept objects and pinned buffers ------- */
@@ -47,6 +48,10 @@ Py_buffer *
 abpy_keep_buffer(ab_op *op, PyObject *obj, int flags)
 {
     OpPy *py = py_of(op);
+    if (py->nviews == USHRT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "abpy_keep_buffer: too many buffers for one op");
+        return NULL;
+    }
     Py_buffer **views = PyMem_Realloc(py->views, sizeof(*views) * (py->nviews + 1));
     if (views == NULL)
         return (Py_buffer *)PyErr_NoMemory();

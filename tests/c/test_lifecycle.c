@@ -1,6 +1,7 @@
 /* test_lifecycle.c: engine stop and restart, pause and resume, stops when
  * idle, fork, sink retirement, engine calls. */
 #include <dirent.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -463,6 +464,9 @@ test_stop_pauses_and_start_resumes(void)
 
 /* ---- idle stops: no thread is left, and submits never race one into a hang ---- */
 
+/* Threads of the process before the library started any. */
+static int threads_at_start;
+
 static int
 threads_of_process(void)
 {
@@ -480,7 +484,7 @@ test_stop_if_idle_leaves_no_thread(void)
 {
     CHECK_OK(run_one(&timer_type, 0.001));
     CHECK_OK(run_one(&work_type, 0)); /* the pool's workers start */
-    CHECK(threads_of_process() > 1);
+    CHECK(threads_of_process() > threads_at_start);
     th_sink ts;
     th_sink_init(&ts);
     ab_op *op = th_op_new(&forever_type);
@@ -491,7 +495,7 @@ test_stop_if_idle_leaves_no_thread(void)
     ab_op_release(op);
     th_sink_destroy(&ts);
     CHECK_EQ(ab_engine_stop_if_idle(), 1);
-    CHECK_EQ(threads_of_process(), 1);
+    CHECK_EQ(threads_of_process(), threads_at_start);
     CHECK_EQ(ab_engine_stop_if_idle(), 1); /* stopped already */
     CHECK_OK(run_one(&work_type, 0)); /* and it all starts again */
     CHECK_OK(run_one(&timer_type, 0.001));
@@ -503,8 +507,10 @@ static void *
 idle_stopper(void *arg)
 {
     long *stops = arg;
-    while (!atomic_load(&idle_stopper_done))
+    while (!atomic_load(&idle_stopper_done)) {
         *stops += ab_engine_stop_if_idle();
+        sched_yield(); /* under valgrind, one thread runs at a time */
+    }
     return NULL;
 }
 
@@ -632,8 +638,10 @@ test_op_waiting(void)
 
 /* ---- abandon: an owner that goes away for good ----------------------------------- */
 
+/* In a child: what it abandons is leaked by design, which the sanitizers'
+ * leak checks would report at the parent's exit. */
 static void
-test_abandon(void)
+abandon_in_child(void)
 {
     th_sink ts;
     th_sink_init(&ts);
@@ -646,14 +654,30 @@ test_abandon(void)
     CHECK_OK(run_one(&timer_type, 0.001)); /* a fresh engine */
     CHECK_OK(run_one(&work_type, 0));
     th_expect_quiet(&ts, 0.05); /* the abandoned op never answers */
-    /* It is leaked by design (its wait lives in the abandoned base): count
-     * it as freed so that the end-of-program check holds. */
-    atomic_fetch_add(&th_ops_freed, 1);
+    ab_engine_stop();
+}
+
+static void
+test_abandon(void)
+{
+    CHECK_EQ(in_child(abandon_in_child), 0);
+}
+
+static void *
+nothing(void *arg)
+{
+    return arg;
 }
 
 int
 main(void)
 {
+    /* A first thread, joined: a sanitizer starts its own helper thread
+     * with the program's first thread, and that one stays. */
+    pthread_t first;
+    CHECK_OK(pthread_create(&first, NULL, nothing, NULL));
+    CHECK_OK(pthread_join(first, NULL));
+    threads_at_start = threads_of_process();
     TH_RUN(test_stop_start);
     TH_RUN(test_sink_retire);
 #if defined(__SANITIZE_THREAD__)
@@ -673,6 +697,8 @@ main(void)
     TH_RUN(test_op_waiting);
     TH_RUN(test_stop_if_idle_leaves_no_thread);
     TH_RUN(test_stop_if_idle_races_submits);
+#if !defined(__SANITIZE_THREAD__)
     TH_RUN(test_abandon);
+#endif
     return th_done();
 }
