@@ -40,7 +40,7 @@ for v in "${VERSIONS[@]}"; do
   "$venv/bin/python" -m pytest tests -q -p no:cacheprovider
   if [ -f examples/build_and_test.sh ]; then
     echo "== Example extension on $full (third-party build against the installed header)"
-    PYTHON="$venv/bin/python" bash examples/build_and_test.sh
+    PYTHON="$PWD/$venv/bin/python" bash examples/build_and_test.sh
   fi
   ran+=("$full")
 done
