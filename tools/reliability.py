@@ -37,7 +37,7 @@ HOW = {
     3: "subprocess per run: 10k ops pending / completions being delivered / delivering from a daemon thread, then exit",
     4: "subprocess, 10 s limit: fork idle, with ops in flight, from a thread; 200 spawns from threads",
     5: "16 threads with their own loops x 1,000 ops, then 50 short-lived loops",
-    6: "subprocess: 9 loops (main + 8 threads, each its own loop), 10k in flight, a third cancelled, 5 rounds",
+    6: "subprocess: 9 loops (main + 8 threads, each its own loop), 10k in flight, a third cancelled, 2 warm-up + 5 measured rounds",
     7: "3 warm-up + 3 measured rounds per op kind; blocks and fds here, refcounts on python3.11-dbg",
     8: "tasks and Op objects dropped mid-flight in cycles, gc.collect(), weakref of a finished op",
     9: "hypothesis on every public function; other loop, no loop; Python callback raising/hanging; unknown C error codes",
