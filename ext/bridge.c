@@ -190,8 +190,8 @@ static void
 registry_drop(ab_state *st, BridgeObject *b)
 {
     PyObject *exc = ab_err_take();
-    if (registry_get(st, b->key) == b && PyDict_DelItem(st->bridges, b->key) < 0)
-        PyErr_Clear();
+    if (registry_get(st, b->key) == b)
+        PyDict_DelItem(st->bridges, b->key);
     PyErr_Clear();
     ab_err_raise(exc);
 }
@@ -219,6 +219,25 @@ set_dead(BridgeObject *b)
     return 1;
 }
 
+/* GIL: 1 if the engine returned ops to b that are not handled yet (then
+ * they are in the backlog), else 0. */
+static int
+fill_backlog(BridgeObject *b)
+{
+    if (b->native != NULL && b->backlog == NULL)
+        b->backlog = ab_sink_take(&b->native->sink);
+    return b->backlog != NULL;
+}
+
+/* GIL, after fill_backlog: the backlog's first op, and its message. */
+static ab_op *
+pop_backlog(BridgeObject *b, int *msg)
+{
+    ab_op *op = b->backlog;
+    b->backlog = ab_sink_next(op, msg);
+    return op;
+}
+
 /* Owner thread or courier, GIL: take what the engine returned and release
  * it without resolving anything. */
 static void
@@ -226,12 +245,9 @@ drain_dead(BridgeObject *b)
 {
     ab_state *st = bstate(b);
     Py_INCREF(b); /* forgetting an op drops a reference to b */
-    while (b->native != NULL) {
-        if (b->backlog == NULL && (b->backlog = ab_sink_take(&b->native->sink)) == NULL)
-            break;
+    while (fill_backlog(b)) {
         int msg;
-        ab_op *op = b->backlog;
-        b->backlog = ab_sink_next(op, &msg);
+        ab_op *op = pop_backlog(b, &msg);
         OpPy *py = ab_op_owner(op);
         if (msg == AB_MSG_FINISHED)
             ab_op_forget(py);
@@ -646,10 +662,9 @@ courier_open_bridge(BridgeObject *b)
     atomic_fetch_add(&C.open_bridges, 1);
     if (b->delivery == DELIVERY_CST)
         atomic_fetch_add(&C.watched, 1);
-    int running = C.state == COURIER_ON && !C.stop;
     pthread_cond_signal(&C.cv);
     pthread_mutex_unlock(&C.mu);
-    return running ? 0 : courier_start();
+    return ab_courier_ensure();
 }
 
 int
@@ -873,17 +888,11 @@ check_direct_futures(BridgeObject *b, ab_state *st, PyObject *loop)
     Py_DECREF(impl);
 }
 
-static delivery_kind
-wanted_delivery(ab_state *st)
-{
-    return st->delivery;
-}
-
 /* Attach b to its loop by the configured delivery. */
 static int
 attach(BridgeObject *b, ab_state *st, PyObject *loop)
 {
-    delivery_kind want = wanted_delivery(st);
+    delivery_kind want = st->delivery;
     if (want == DELIVERY_CST)
         return use_courier(b, st, loop);
     if (use_reader(b, loop) == 0)
@@ -908,7 +917,7 @@ bridge_new(ab_state *st, PyObject *loop)
     b->loop_ref = b->key = NULL;
     b->anchor = NULL;
     b->direct_futures = 0;
-    b->delivery = wanted_delivery(st) == DELIVERY_CST ? DELIVERY_CST : DELIVERY_READER;
+    b->delivery = st->delivery == DELIVERY_CST ? DELIVERY_CST : DELIVERY_READER;
     b->in_flight = 0;
     b->ops.prev = b->ops.next = &b->ops;
     b->backlog = NULL;
@@ -1124,9 +1133,7 @@ bridge_deliver(BridgeObject *b)
     Py_INCREF(b);
     uint64_t count = 0, start = now_ns();
     PyObject *stop = NULL;
-    while (b->native != NULL && !atomic_load(&b->native->dead)) {
-        if (b->backlog == NULL && (b->backlog = ab_sink_take(&b->native->sink)) == NULL)
-            break;
+    while (b->native != NULL && !atomic_load(&b->native->dead) && fill_backlog(b)) {
         if ((count & 15) == 15 && now_ns() - start >= st->drain_budget_ns)
             break;
         /* A signal handler runs here rather than inside a set_result, whose
@@ -1134,8 +1141,7 @@ bridge_deliver(BridgeObject *b)
         if (PyErr_CheckSignals() < 0 && (stop = delivery_failed(b, st, ab_err_take())) != NULL)
             break;
         int msg;
-        ab_op *op = b->backlog;
-        b->backlog = ab_sink_next(op, &msg);
+        ab_op *op = pop_backlog(b, &msg);
         count++;
         OpPy *py = ab_op_owner(op);
         if (msg != AB_MSG_FINISHED)

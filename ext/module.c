@@ -104,10 +104,6 @@ py_stats(PyObject *module, PyObject *unused)
                          (unsigned long long)s.largest_batch);
 }
 
-/* atexit: no native thread may call into Python once finalization starts.
- * Ops in flight pause (ab_engine_stop): never resolved unless an atexit
- * handler that runs later starts ops of its own, which starts the threads
- * again (and ab_exit_quiesce stops them once those are done). */
 /* The owning interpreter ends: nothing of it may be touched again, and
  * another interpreter may take the library over.  The threads are
  * stopped. */
@@ -119,6 +115,10 @@ release_ownership(void)
     ab_bridges_abandon();
 }
 
+/* atexit: no native thread may call into Python once finalization starts.
+ * Ops in flight pause (ab_engine_stop): never resolved unless an atexit
+ * handler that runs later starts ops of its own, which starts the threads
+ * again (and ab_exit_quiesce stops them once those are done). */
 static PyObject *
 py_shutdown(PyObject *module, PyObject *unused)
 {

@@ -60,13 +60,21 @@ struct sleep_state {
     int result; /* kept slot, or -1 for None */
 };
 
+/* The result: what the caller passed, or None. */
+static int
+sleep_outcome(ab_op *op)
+{
+    struct sleep_state *s = ab_op_state(op);
+    return s->result >= 0 ? ab_return_kept(op, s->result) : ab_return_none(op);
+}
+
 static int
 sleep_step(ab_op *op)
 {
     struct sleep_state *s = ab_op_state(op);
     AB_BEGIN(op);
     AB_AWAIT(op, ab_await_timer(op, s->delay));
-    return s->result >= 0 ? ab_return_kept(op, s->result) : ab_return_none(op);
+    return sleep_outcome(op);
     AB_END(op);
 }
 
@@ -76,20 +84,30 @@ static const ab_op_type sleep_type = {
     .step = sleep_step,
 };
 
-/* New reference: an op of `type` keeping `value` (unless None) in the
- * state's int at `slot_offset`; NULL with an exception. */
-static PyObject *
-op_keeping(const ab_op_type *type, PyObject *value, size_t slot_offset, ab_op **out)
+/* A new op of `type` (the caller's reference) keeping `value` (unless
+ * None) in the state's int at `slot_offset`; NULL with an exception. */
+static ab_op *
+new_keeping(const ab_op_type *type, PyObject *value, size_t slot_offset)
 {
     ab_op *op = ab_op_new(type);
     if (op == NULL)
-        return PyErr_NoMemory();
+        return (ab_op *)PyErr_NoMemory();
     int *slot = (int *)((char *)ab_op_state(op) + slot_offset);
     *slot = -1;
     if (value != Py_None && (*slot = abpy_keep(op, value)) < 0) {
         ab_op_release(op);
         return NULL;
     }
+    return op;
+}
+
+/* New reference: new_keeping's op, wrapped; NULL with an exception. */
+static PyObject *
+op_keeping(const ab_op_type *type, PyObject *value, size_t slot_offset, ab_op **out)
+{
+    ab_op *op = new_keeping(type, value, slot_offset);
+    if (op == NULL)
+        return NULL;
     *out = op;
     return abpy_wrap(op);
 }
@@ -114,7 +132,6 @@ py_sleep(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"delay", "result", NULL};
     PyObject *delay, *result = Py_None;
-    ab_op *op = NULL;
     (void)module;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:sleep", kwlist, &delay, &result))
         return NULL;
@@ -124,25 +141,15 @@ py_sleep(PyObject *module, PyObject *args, PyObject *kwargs)
     double seconds = now ? 0.0 : abpy_seconds(delay, "delay", 0);
     if (seconds < -1.5)
         return NULL;
+    ab_op *op = new_keeping(&sleep_type, result, offsetof(struct sleep_state, result));
+    if (op == NULL)
+        return NULL;
     if (now) { /* one loop iteration and no engine, as asyncio.sleep(0) */
-        op = ab_op_new(&sleep_type);
-        if (op == NULL)
-            return PyErr_NoMemory();
-        int slot = result != Py_None ? abpy_keep(op, result) : -1;
-        if (result != Py_None && slot < 0) {
-            ab_op_release(op);
-            return NULL;
-        }
-        if (slot >= 0)
-            ab_return_kept(op, slot);
-        else
-            ab_return_none(op);
+        sleep_outcome(op);
         return abpy_wrap_settled(op);
     }
-    PyObject *obj = op_keeping(&sleep_type, result, offsetof(struct sleep_state, result), &op);
-    if (obj != NULL)
-        ((struct sleep_state *)ab_op_state(op))->delay = seconds;
-    return obj;
+    ((struct sleep_state *)ab_op_state(op))->delay = seconds;
+    return abpy_wrap(op);
 }
 
 /* ---- nop(value=None) ---------------------------------------------------------------- */
