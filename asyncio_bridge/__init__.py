@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 
 from . import _ext
-from ._ext import Bridge, ForkError, Op, nop, sleep, stats, wait_readable, wait_writable
+from ._ext import Bridge, ForkError, Op, Stream, nop, sleep, stats, wait_readable, wait_writable
 
 __all__ = [
     "Bridge",
     "ForkError",
     "Op",
+    "Stream",
     "configure",
     "get_include",
     "nop",
@@ -36,18 +37,26 @@ def configure(
     delivery: str | None = None,
     workers: int | None = None,
     drain_budget: float | None = None,
+    blocking_workers: int | None = None,
 ) -> dict[str, object]:
     """Set how results reach asyncio loops and how many pool threads run.
 
     delivery: "auto" (the faster path the loop supports), "add_reader" (an
     eventfd watched by the loop) or "call_soon_threadsafe"; it applies to
     loops that start using asyncio_bridge afterwards.  workers: the size of
-    the native worker pool (default: the CPU count).  drain_budget: how many
+    the native worker pool for computing (default: the CPU count).
+    blocking_workers: the most threads of the pool for blocking calls
+    (default 64; they start as calls wait for one).  drain_budget: how many
     seconds one delivery pass may hold the loop (default 0.002); a larger
     burst of results is delivered over several loop iterations.  Returns
     the settings in force.
     """
-    return _ext.configure(delivery=delivery, workers=workers, drain_budget=drain_budget)
+    return _ext.configure(
+        delivery=delivery,
+        workers=workers,
+        drain_budget=drain_budget,
+        blocking_workers=blocking_workers,
+    )
 
 
 def get_include() -> str:

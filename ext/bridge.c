@@ -229,12 +229,14 @@ fill_backlog(BridgeObject *b)
     return b->backlog != NULL;
 }
 
-/* GIL, after fill_backlog: the backlog's first op, and its message. */
+/* GIL, after fill_backlog: the backlog's first op, and its messages
+ * (AB_MSG_* bits; from then on the engine may queue the op again). */
 static ab_op *
-pop_backlog(BridgeObject *b, int *msg)
+pop_backlog(BridgeObject *b, unsigned *msgs)
 {
     ab_op *op = b->backlog;
-    b->backlog = ab_sink_next(op, msg);
+    b->backlog = ab_sink_next(op);
+    *msgs = ab_sink_msgs(op);
     return op;
 }
 
@@ -246,13 +248,15 @@ drain_dead(BridgeObject *b)
     ab_state *st = bstate(b);
     Py_INCREF(b); /* forgetting an op drops a reference to b */
     while (fill_backlog(b)) {
-        int msg;
-        ab_op *op = pop_backlog(b, &msg);
+        unsigned msgs;
+        ab_op *op = pop_backlog(b, &msgs);
         OpPy *py = ab_op_owner(op);
-        if (msg == AB_MSG_FINISHED)
+        if (msgs & AB_MSG_ITEMS)
+            ab_stream_items(py, st); /* dropped: nobody reads them */
+        if (msgs & AB_MSG_FINISHED)
             ab_op_forget(py);
-        else
-            ab_op_run_python(py, st); /* answers "cancelled" */
+        else if (msgs & AB_MSG_PYTHON)
+            ab_op_run_python(py, st); /* answers "skipped" */
     }
     Py_DECREF(b);
 }
@@ -1140,13 +1144,16 @@ bridge_deliver(BridgeObject *b)
          * Future would be left done with its callbacks lost. */
         if (PyErr_CheckSignals() < 0 && (stop = delivery_failed(b, st, ab_err_take())) != NULL)
             break;
-        int msg;
-        ab_op *op = pop_backlog(b, &msg);
+        unsigned msgs;
+        ab_op *op = pop_backlog(b, &msgs);
         count++;
         OpPy *py = ab_op_owner(op);
-        if (msg != AB_MSG_FINISHED)
+        if (msgs & AB_MSG_ITEMS)
+            ab_stream_items(py, st);
+        if (msgs & AB_MSG_PYTHON)
             ab_op_run_python(py, st);
-        else if (ab_op_resolve(py, st) < 0 && (stop = delivery_failed(b, st, ab_err_take())) != NULL)
+        else if ((msgs & AB_MSG_FINISHED) && ab_op_resolve(py, st) < 0 &&
+                 (stop = delivery_failed(b, st, ab_err_take())) != NULL)
             break;
     }
     ab_stats_batch(count);

@@ -25,6 +25,7 @@ typedef struct OpObject OpObject;
 typedef struct OpPy {
     ab_op *op;              /* NULL until used, and once released */
     OpObject *obj;          /* borrowed; NULL once the Op object is gone */
+    struct StreamObject *stream; /* borrowed: the Stream of a stream op, while it lives */
     BridgeObject *bridge;   /* while in flight (strong) */
     PyObject *future;
     PyObject *iter;         /* the Future's own iterator, awaited */
@@ -122,6 +123,7 @@ typedef struct {
     PyObject *codes;               /* {ab_op_type address: code object} */
     PyObject *rooted;              /* {key: anchor} for loops that cannot hold one */
     PyTypeObject *anchor_type;
+    PyTypeObject *stream_type, *stream_next_type;
     PyObject *last_loop;      /* borrowed cache of the last lookup */
     BridgeObject *last_bridge;
     delivery_kind delivery;
@@ -175,6 +177,25 @@ int ab_op_resolve(OpPy *py, ab_state *st);
 void ab_op_forget(OpPy *py);
 void ab_op_abort(OpPy *py, ab_state *st);
 void ab_op_run_python(OpPy *py, ab_state *st);
+PyObject *ab_callback_exception(const char *type_name, const char *callback);
+PyObject *ab_checked_result(PyObject *r, const char *type_name, const char *callback);
+
+/* stream.c */
+extern PyType_Spec ab_stream_spec, ab_stream_next_spec;
+/* drain(), for an op with AB_MSG_ITEMS: hand its items to its stream, or
+ * free them if nobody reads them any more. */
+void ab_stream_items(OpPy *py, ab_state *st);
+/* drain(), for a stream op's AB_MSG_FINISHED (then ab_op_forget). */
+void ab_stream_finished(OpPy *py, ab_state *st);
+/* ab_op_forget, for a stream op: wake its waiters; if it did not finish
+ * through drain(), it was lost (loop closed, fork). */
+void ab_stream_lost(OpPy *py, ab_state *st);
+/* op.c, for streams: the exception of a failed op (new reference). */
+PyObject *ab_op_error_exception(OpPy *py, ab_state *st);
+/* Drop the Python side's objects (not in flight); and let go of it once
+ * nothing (Op, Stream, bridge) uses it. */
+void ab_op_py_clear(OpPy *py);
+void ab_op_py_release(OpPy *py);
 
 /* bridge.c */
 extern PyType_Spec ab_bridge_spec, ab_anchor_spec;
@@ -202,6 +223,6 @@ PyObject *abpy_exception_for(ab_state *st, int err, const char *message);
 extern PyMethodDef ab_ops_methods[];
 
 /* capi.c */
-PyObject *ab_capi_capsule(void);
+PyObject *ab_capi_capsule(int v1);
 
 #endif

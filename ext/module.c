@@ -30,18 +30,46 @@ budget_ns(PyObject *obj)
     return (int64_t)(v * 1e9);
 }
 
+/* A thread count argument: 1..1024, 0 if None, -1 with an exception. */
+static int
+thread_count(PyObject *obj, const char *what)
+{
+    if (obj == Py_None)
+        return 0;
+    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    int overflow;
+    long n = PyLong_AsLongAndOverflow(obj, &overflow);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || n < 1 || n > 1024) {
+        PyErr_Format(PyExc_ValueError, "%s must be between 1 and 1024, not %R", what, obj);
+        return -1;
+    }
+    return (int)n;
+}
+
 static PyObject *
 py_configure(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"delivery", "workers", "drain_budget", NULL};
+    static char *kwlist[] = {"delivery", "workers", "drain_budget", "blocking_workers", NULL};
     static const char *names[] = {"auto", "call_soon_threadsafe", "add_reader"};
-    PyObject *delivery = Py_None, *workers = Py_None, *budget = Py_None;
+    PyObject *delivery = Py_None, *workers = Py_None, *budget = Py_None, *blocking = Py_None;
     ab_state *st = mstate(module);
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOO:configure", kwlist, &delivery,
-                                     &workers, &budget))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOO:configure", kwlist, &delivery,
+                                     &workers, &budget, &blocking))
         return NULL;
     int64_t ns = budget != Py_None ? budget_ns(budget) : 0;
     if (ns < 0)
+        return NULL;
+    int nworkers = thread_count(workers, "workers");
+    if (nworkers < 0)
+        return NULL;
+    int nblocking = thread_count(blocking, "blocking_workers");
+    if (nblocking < 0)
         return NULL;
     if (delivery != Py_None) {
         if (!PyUnicode_Check(delivery)) {
@@ -62,29 +90,21 @@ py_configure(PyObject *module, PyObject *args, PyObject *kwargs)
         }
         st->delivery = (delivery_kind)found;
     }
-    if (workers != Py_None) {
-        if (!PyLong_Check(workers) || PyBool_Check(workers)) {
-            PyErr_Format(PyExc_TypeError, "workers must be an int, not %.100s",
-                         Py_TYPE(workers)->tp_name);
-            return NULL;
-        }
-        int overflow;
-        long n = PyLong_AsLongAndOverflow(workers, &overflow);
-        if (n == -1 && PyErr_Occurred())
-            return NULL;
-        if (overflow || n < 1 || n > 1024) {
-            PyErr_Format(PyExc_ValueError, "workers must be between 1 and 1024, not %R",
-                         workers);
-            return NULL;
-        }
-        int rc = ab_pool_configure((int)n);
+    if (nworkers > 0) {
+        int rc = ab_pool_configure(nworkers);
         if (rc < 0)
             return abpy_raise(rc, "cannot resize the worker pool");
     }
+    if (nblocking > 0) {
+        int rc = ab_blocking_configure(nblocking);
+        if (rc < 0)
+            return abpy_raise(rc, "cannot resize the blocking pool");
+    }
     if (budget != Py_None)
         st->drain_budget_ns = (uint64_t)ns;
-    return Py_BuildValue("{s:s,s:i,s:d}", "delivery", names[st->delivery], "workers",
-                         ab_pool_size(), "drain_budget", (double)st->drain_budget_ns / 1e9);
+    return Py_BuildValue("{s:s,s:i,s:d,s:i}", "delivery", names[st->delivery], "workers",
+                         ab_pool_size(), "drain_budget", (double)st->drain_budget_ns / 1e9,
+                         "blocking_workers", ab_blocking_size());
 }
 
 static PyObject *
@@ -94,14 +114,18 @@ py_stats(PyObject *module, PyObject *unused)
     (void)module;
     (void)unused;
     ab_stats_get(&s);
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "submitted",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "submitted",
                          (unsigned long long)s.submitted, "completed",
                          (unsigned long long)s.completed, "cancelled",
                          (unsigned long long)s.cancelled, "in_flight",
                          (unsigned long long)s.in_flight, "wakeups",
                          (unsigned long long)s.sink_wakeups, "engine_wakeups",
                          (unsigned long long)s.engine_wakeups, "largest_batch",
-                         (unsigned long long)s.largest_batch);
+                         (unsigned long long)s.largest_batch, "pool_queued",
+                         (unsigned long long)s.pool_queued, "pool_threads",
+                         (unsigned long long)s.pool_threads, "blocking_queued",
+                         (unsigned long long)s.blocking_queued, "blocking_threads",
+                         (unsigned long long)s.blocking_threads);
 }
 
 /* The owning interpreter ends: nothing of it may be touched again, and
@@ -188,7 +212,7 @@ import_attr(const char *module, const char *name)
 
 /* Objects the module keeps: visited and cleared in one list. */
 #define AB_STATE_OBJECTS(X)                                                   \
-    X(op_type) X(bridge_type) X(anchor_type) X(fork_error) X(bridges) X(rooted) \
+    X(op_type) X(bridge_type) X(anchor_type) X(stream_type) X(stream_next_type) X(fork_error) X(bridges) X(rooted) \
     X(get_running_loop) X(cancelled_error) X(invalid_state_error) X(future_type) \
     X(ensure_future) X(base_create_future) X(warn_unawaited)                  \
     X(frame_globals) X(codes) X(kw_loop) X(str_create_future) X(str_set_result) \
@@ -203,9 +227,14 @@ add_types(PyObject *module, ab_state *st)
     st->op_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &ab_op_spec, NULL);
     st->bridge_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &ab_bridge_spec, NULL);
     st->anchor_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &ab_anchor_spec, NULL);
-    if (st->op_type == NULL || st->bridge_type == NULL || st->anchor_type == NULL)
+    st->stream_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &ab_stream_spec, NULL);
+    st->stream_next_type =
+        (PyTypeObject *)PyType_FromModuleAndSpec(module, &ab_stream_next_spec, NULL);
+    if (st->op_type == NULL || st->bridge_type == NULL || st->anchor_type == NULL ||
+        st->stream_type == NULL || st->stream_next_type == NULL)
         return -1;
     if (PyModule_AddType(module, st->op_type) < 0 ||
+        PyModule_AddType(module, st->stream_type) < 0 ||
         PyModule_AddType(module, st->bridge_type) < 0)
         return -1;
     st->fork_error = PyErr_NewExceptionWithDoc(
@@ -284,8 +313,13 @@ module_exec(PyObject *module)
         return -1;
     st->delivery = DELIVERY_AUTO;
     st->drain_budget_ns = 2000000; /* 2 ms: see bench/README.md */
-    PyObject *capsule = ab_capi_capsule();
+    PyObject *capsule = ab_capi_capsule(1);
     if (capsule == NULL || PyModule_AddObject(module, "_C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
+        return -1;
+    }
+    capsule = ab_capi_capsule(0);
+    if (capsule == NULL || PyModule_AddObject(module, "_C_API_v2", capsule) < 0) {
         Py_XDECREF(capsule);
         return -1;
     }

@@ -117,7 +117,7 @@ wrap(ab_op *op, int settled)
         ab_op_release(op);
         return NULL;
     }
-    if (py->obj != NULL) {
+    if (py->obj != NULL || py->stream != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "abpy_wrap: op is already wrapped");
         ab_op_release(op);
         return NULL;
@@ -198,9 +198,12 @@ py_free(OpPy *py)
 static void
 py_maybe_free(OpPy *py)
 {
-    if (py->obj == NULL && py->bridge == NULL)
+    if (py->obj == NULL && py->stream == NULL && py->bridge == NULL)
         py_free(py);
 }
+
+void ab_op_py_clear(OpPy *py) { py_clear(py); }
+void ab_op_py_release(OpPy *py) { py_maybe_free(py); }
 
 /* Release hook: for an op never wrapped, whose creator released it (GIL
  * held, never submitted); wrapped ops have no owner data left here. */
@@ -208,11 +211,77 @@ static void
 release_hook(ab_op *op)
 {
     OpPy *py = ab_op_owner(op);
-    if (py->op != NULL)
+    if (py->op == NULL)
+        return;
+    if (PyGILState_Check()) {
         py_free(py);
+        return;
+    }
+    /* The last reference went on a thread without the GIL (a library's
+     * callback thread, after its creator failed to wrap the op). */
+#if PY_VERSION_HEX >= 0x030D0000
+    int finalizing = Py_IsFinalizing();
+#else
+    int finalizing = _Py_IsFinalizing();
+#endif
+    if (!Py_IsInitialized() || finalizing)
+        return; /* leaked: Python cannot run here any more */
+    PyGILState_STATE g = PyGILState_Ensure();
+    py_free(py);
+    PyGILState_Release(g);
 }
 
 /* ---- results --------------------------------------------------------------- */
+
+/* A type's callback returned NULL: new reference to the exception it set,
+ * or a SystemError naming the type and the callback if what it set cannot
+ * be raised from an await (nothing, a non-exception, StopIteration or
+ * StopAsyncIteration, which a Future refuses and a coroutine may not
+ * raise).  Never NULL unless memory runs out. */
+PyObject *
+ab_callback_exception(const char *type_name, const char *callback)
+{
+    PyObject *exc = ab_err_take();
+    const char *what = NULL;
+    if (exc == NULL)
+        what = "returned NULL without setting an exception";
+    else if (!PyExceptionInstance_Check(exc))
+        what = "set an exception that is not a BaseException instance";
+    else if (PyErr_GivenExceptionMatches(exc, PyExc_StopIteration) ||
+             PyErr_GivenExceptionMatches(exc, PyExc_StopAsyncIteration))
+        what = "raised StopIteration or StopAsyncIteration, which an await cannot pass on";
+    if (what == NULL)
+        return exc;
+    PyErr_Format(PyExc_SystemError, "%s: its %s callback %s", type_name, callback, what);
+    PyObject *err = ab_err_take();
+    if (err != NULL && exc != NULL && PyExceptionInstance_Check(exc))
+        PyException_SetCause(err, Py_NewRef(exc));
+    Py_XDECREF(exc);
+    return err;
+}
+
+/* The outcome of a type's to_python-like callback: r itself, or NULL with
+ * the exception set that the awaiter should see. */
+PyObject *
+ab_checked_result(PyObject *r, const char *type_name, const char *callback)
+{
+    if (r != NULL && !PyErr_Occurred())
+        return r;
+    if (r != NULL) { /* a result with an exception set: a broken callback */
+        Py_DECREF(r);
+        PyObject *set = ab_err_take();
+        PyErr_Format(PyExc_SystemError, "%s: its %s callback returned a result with an "
+                     "exception set", type_name, callback);
+        if (set != NULL) {
+            PyObject *err = ab_err_take();
+            PyException_SetCause(err, set);
+            ab_err_raise(err);
+        }
+        return NULL;
+    }
+    ab_err_raise(ab_callback_exception(type_name, callback));
+    return NULL;
+}
 
 /* New reference: the result of a successfully finished op. */
 static PyObject *
@@ -252,7 +321,8 @@ result_object(OpPy *py)
                          ab_op_type_of(op)->name);
             return NULL;
         }
-        return ab_op_type_of(op)->to_python(op);
+        return ab_checked_result(ab_op_type_of(op)->to_python(op), ab_op_type_of(op)->name,
+                                 "to_python");
     }
     PyErr_SetString(PyExc_RuntimeError, "unknown result kind");
     return NULL;
@@ -268,12 +338,17 @@ error_object(OpPy *py, ab_state *st)
     if (err == AB_EPYTHON && py->outcome != NULL && PyExceptionInstance_Check(py->outcome))
         return Py_NewRef(py->outcome);
     if (err <= AB_EUSER && type->raise_error != NULL) {
-        type->raise_error(op, err);
-        if (!PyErr_Occurred())
-            PyErr_Format(PyExc_RuntimeError, "%s: raise_error set no exception", type->name);
-        return ab_err_take();
+        PyObject *r = type->raise_error(op, err);
+        Py_XDECREF(r); /* it should return NULL; a value is ignored */
+        return ab_callback_exception(type->name, "raise_error");
     }
     return abpy_exception_for(st, err, ab_op_error_message(op));
+}
+
+PyObject *
+ab_op_error_exception(OpPy *py, ab_state *st)
+{
+    return error_object(py, st);
 }
 
 static int
@@ -349,6 +424,17 @@ settle_future(OpPy *py, ab_state *st)
         return -1;
     rc = settle_call(st, fut, st->str_set_exception, exc);
     Py_DECREF(exc);
+    if (rc < 0) {
+        /* The Future refused the exception: the awaiter gets that refusal
+         * rather than waiting for ever. */
+        PyObject *why = ab_err_take();
+        if (why != NULL && PyErr_GivenExceptionMatches(why, PyExc_Exception) &&
+            !PyErr_GivenExceptionMatches(why, PyExc_StopIteration))
+            rc = settle_call(st, fut, st->str_set_exception, why);
+        else
+            rc = call_method_void(fut, st->str_cancel, NULL);
+        Py_XDECREF(why);
+    }
     return rc;
 }
 
@@ -359,6 +445,8 @@ int
 ab_op_resolve(OpPy *py, ab_state *st)
 {
     int rc = py->future != NULL ? settle_future(py, st) : 0;
+    if (py->stream != NULL)
+        ab_stream_finished(py, st);
     ab_op_forget(py);
     return rc;
 }
@@ -373,6 +461,8 @@ ab_op_forget(OpPy *py)
         return;
     ab_bridge_untrack(b, py);
     py->bridge = NULL;
+    if (py->stream != NULL)
+        ab_stream_lost(py, ab_global_state);
     if (py->exit_op && ab_global_state != NULL) {
         py->exit_op = 0;
         ab_global_state->exit_ops--;
@@ -390,6 +480,17 @@ python_finished(OpPy *py, PyObject *outcome, int failed)
 {
     Py_XSETREF(py->outcome, outcome);
     ab_python_done(py->op, failed);
+}
+
+/* The awaitable cannot run any more (its loop is closed or gone, or
+ * nothing awaits the op): the step resumes with AB_EV_CANCEL. */
+static void
+python_skipped(OpPy *py, ab_state *st)
+{
+    /* Without the module (finalization) the answer needs no object. */
+    Py_XSETREF(py->outcome, st != NULL ? PyObject_CallNoArgs(st->cancelled_error) : NULL);
+    PyErr_Clear();
+    ab_python_skipped(py->op);
 }
 
 /* Done callback of the inner task; self is the Op object, which the
@@ -475,9 +576,11 @@ void
 ab_op_run_python(OpPy *py, ab_state *st)
 {
     PyObject *callable = abpy_kept(py->op, ab_op_python_slot(py->op)), *task, *cb;
-    if (py->obj == NULL || py->obj->phase != OP_WAITING || py->bridge == NULL ||
-        py->bridge->native == NULL || atomic_load(&py->bridge->native->dead)) {
-        python_finished(py, PyObject_CallNoArgs(st->cancelled_error), 1);
+    /* Armed after a cancel, it runs as any wait does (a teardown may need
+     * it), as long as its loop runs and the Op it reports to lives. */
+    if (py->obj == NULL || py->bridge == NULL || py->bridge->native == NULL ||
+        atomic_load(&py->bridge->native->dead)) {
+        python_skipped(py, st);
         return;
     }
     if (callable == NULL) {
@@ -534,8 +637,7 @@ ab_op_abort(OpPy *py, ab_state *st)
     ab_cancel(py->op);
     if (py->task != NULL) {
         Py_CLEAR(py->task);
-        /* Without the module (finalization) the answer needs no object. */
-        python_finished(py, st != NULL ? PyObject_CallNoArgs(st->cancelled_error) : NULL, 1);
+        python_skipped(py, st);
     }
 }
 
@@ -979,6 +1081,12 @@ waiting_for(OpObject *self)
         return PyUnicode_FromString("waiting for a Python awaitable");
     case AB_WAITING_CANCEL:
         return PyUnicode_FromString("waiting until cancelled");
+    case AB_WAITING_SIGNAL:
+        return PyUnicode_FromString("waiting for a signal from another thread");
+    case AB_WAITING_FDS:
+        return PyUnicode_FromString("waiting for a set of fds");
+    case AB_WAITING_DEMAND:
+        return PyUnicode_FromString("waiting for its consumer");
     case AB_WAITING_NOTHING:
         break;
     }

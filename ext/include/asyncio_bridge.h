@@ -27,8 +27,14 @@
 extern "C" {
 #endif
 
-#define ASYNCIO_BRIDGE_CAPI_VERSION 1
-#define ASYNCIO_BRIDGE_CAPSULE "asyncio_bridge._ext._C_API"
+/* Version 2 added waking from any thread, fd sets, the blocking pool and
+ * streams.  Its table is version 1's with calls appended, and later
+ * versions only append: a module built for version N runs with any
+ * asyncio_bridge that provides N or later.  Modules built against the
+ * version-1 header import "asyncio_bridge._ext._C_API", which keeps saying
+ * version 1 for them. */
+#define ASYNCIO_BRIDGE_CAPI_VERSION 2
+#define ASYNCIO_BRIDGE_CAPSULE "asyncio_bridge._ext._C_API_v2"
 
 /* ---- Python side (GIL held) ------------------------------------------------ */
 
@@ -50,6 +56,12 @@ PyObject *abpy_wrap(ab_op *op);
  * goes to the engine: awaiting it yields to the event loop once, as
  * asyncio.sleep(0) does, then returns that outcome (or raises it). */
 PyObject *abpy_wrap_settled(ab_op *op);
+/* The async iterator for a stream op (one that emits items with
+ * ab_yield_*): `async for`, __anext__, aclose() and `async with` work on
+ * it; its consumer buffers at most max_buffered items (>= 1) before the
+ * producer's ab_await_demand waits.  A new reference, or NULL with an
+ * exception set; steals the caller's reference to `op` in both cases. */
+PyObject *abpy_wrap_stream(ab_op *op, Py_ssize_t max_buffered);
 /* Borrowed: the result (or, after a failure, the exception) of the last
  * Python awaitable the op awaited; NULL if none. */
 PyObject *abpy_python_outcome(ab_op *op);
@@ -112,6 +124,25 @@ typedef struct AsyncioBridge_CAPI {
     /* Added after the first release: check `size` before using these when
      * an extension may meet an older asyncio_bridge. */
     PyObject *(*py_wrap_settled)(ab_op *op);
+    /* Version 2. */
+    void (*op_retain)(ab_op *op);
+    void (*op_signal)(ab_op *op);
+    int (*await_signal)(ab_op *op, double timeout);
+    int (*fds_watch)(ab_op *op, int fd, unsigned events);
+    int (*await_fds)(ab_op *op, double timeout);
+    int (*fds_next)(ab_op *op, int *fd, unsigned *events);
+    int (*await_blocking)(ab_op *op, ab_work_fn fn);
+    int (*work_cancelled)(const ab_op *op);
+    int (*yield_int)(ab_op *op, int64_t v);
+    int (*yield_float)(ab_op *op, double v);
+    int (*yield_bytes)(ab_op *op, const void *data, size_t len);
+    int (*yield_str)(ab_op *op, const char *utf8, size_t len);
+    int (*yield_kept)(ab_op *op, int slot);
+    int (*yield_custom)(ab_op *op, PyObject *(*to_python)(void *data), void *data,
+                        void (*free_data)(void *data));
+    int (*stream_room)(const ab_op *op);
+    int (*await_demand)(ab_op *op);
+    PyObject *(*py_wrap_stream)(ab_op *op, Py_ssize_t max_buffered);
 } AsyncioBridge_CAPI;
 
 #ifndef ASYNCIO_BRIDGE_INTERNAL
@@ -132,7 +163,7 @@ static const AsyncioBridge_CAPI *AsyncioBridge_API;
 #endif
 
 /* Call once from your module's init.  0 on success; -1 with ImportError
- * set if asyncio_bridge is missing or its C API version differs. */
+ * set if asyncio_bridge is missing or older than this header. */
 static inline int
 AsyncioBridge_Import(void)
 {
@@ -140,11 +171,11 @@ AsyncioBridge_Import(void)
         ASYNCIO_BRIDGE_CAPSULE, 0);
     if (api == NULL)
         return -1;
-    if (api->version != ASYNCIO_BRIDGE_CAPI_VERSION || api->size < sizeof(*api)) {
+    if (api->version < ASYNCIO_BRIDGE_CAPI_VERSION || api->size < sizeof(*api)) {
         PyErr_Format(PyExc_ImportError,
                      "asyncio_bridge C API version mismatch: this module was built "
                      "for version %d, the installed asyncio_bridge provides %d; "
-                     "rebuild it against the installed headers",
+                     "upgrade asyncio_bridge",
                      ASYNCIO_BRIDGE_CAPI_VERSION, api->version);
         return -1;
     }
@@ -187,6 +218,23 @@ AsyncioBridge_Import(void)
 #define abpy_fd (*AsyncioBridge_API->py_fd)
 #define abpy_seconds (*AsyncioBridge_API->py_seconds)
 #define abpy_wrap_settled (*AsyncioBridge_API->py_wrap_settled)
+#define ab_op_retain (*AsyncioBridge_API->op_retain)
+#define ab_op_signal (*AsyncioBridge_API->op_signal)
+#define ab_await_signal (*AsyncioBridge_API->await_signal)
+#define ab_fds_watch (*AsyncioBridge_API->fds_watch)
+#define ab_await_fds (*AsyncioBridge_API->await_fds)
+#define ab_fds_next (*AsyncioBridge_API->fds_next)
+#define ab_await_blocking (*AsyncioBridge_API->await_blocking)
+#define ab_work_cancelled (*AsyncioBridge_API->work_cancelled)
+#define ab_yield_int (*AsyncioBridge_API->yield_int)
+#define ab_yield_float (*AsyncioBridge_API->yield_float)
+#define ab_yield_bytes (*AsyncioBridge_API->yield_bytes)
+#define ab_yield_str (*AsyncioBridge_API->yield_str)
+#define ab_yield_kept (*AsyncioBridge_API->yield_kept)
+#define ab_yield_custom (*AsyncioBridge_API->yield_custom)
+#define ab_stream_room (*AsyncioBridge_API->stream_room)
+#define ab_await_demand (*AsyncioBridge_API->await_demand)
+#define abpy_wrap_stream (*AsyncioBridge_API->py_wrap_stream)
 #endif /* ASYNCIO_BRIDGE_INTERNAL */
 
 #ifdef __cplusplus

@@ -48,7 +48,16 @@ const char *ab_strerror(int err);
 /* What a step function returns. */
 enum { AB_DONE = 0, AB_SUSPEND = 1 };
 
-/* Why a step was resumed (ab_op_event), and fd readiness bits. */
+/* Why a step was resumed (ab_op_event), and fd readiness bits.
+ *
+ * Cancellation interrupts the wait that is armed when it arrives (a pool
+ * function not yet started is skipped, one running is let finish), and
+ * that wait resumes with AB_EV_CANCEL.  Every wait armed after it runs
+ * normally, so that a cancelled op can still tear down: a timer, an fd
+ * wait, pool work (e.g. PQcancel on the blocking pool), a signal.  Only
+ * what can no longer happen is skipped, and then the step resumes with
+ * AB_EV_CANCEL alone: a Python awaitable once the op's loop is closed or
+ * its Op object gone, a stream's demand once the stream is closed. */
 enum {
     AB_EV_START = 1u << 0,
     AB_EV_TIMER = 1u << 1, /* timer fired, or fd wait timed out */
@@ -57,6 +66,9 @@ enum {
     AB_EV_WORK = 1u << 4,   /* pool function returned */
     AB_EV_PYTHON = 1u << 5, /* Python awaitable finished */
     AB_EV_CANCEL = 1u << 6,
+    AB_EV_SIGNAL = 1u << 7, /* ab_op_signal arrived (ab_await_signal) */
+    AB_EV_FDS = 1u << 8,    /* fds of the op's set are ready (ab_await_fds) */
+    AB_EV_DEMAND = 1u << 9, /* the stream's consumer took items (ab_await_demand) */
 };
 
 /* Result kinds: what ab_op holds when it finishes successfully. */
@@ -108,10 +120,16 @@ typedef struct ab_op_type {
 /* A new op with zeroed state and one reference (the creator's), or NULL
  * when out of memory.  Any thread. */
 ab_op *ab_op_new(const ab_op_type *type);
-/* Drop a reference; the op is freed (after cleanup if it has not run) when
- * the last one goes, after the release hook (ab_set_release_hook).  The
- * engine drops its own references too, so the owner clears the data the
- * hook looks at before dropping its last reference. */
+/* Take one more reference: the op's memory (its state included) stays
+ * valid until the matching ab_op_release.  Any thread that holds a
+ * reference already, or got the op from the caller of a step; e.g. a step
+ * retains the op for a library callback that will call ab_op_signal. */
+void ab_op_retain(ab_op *op);
+/* Drop a reference; any thread.  The op is freed (after cleanup if it has
+ * not run) when the last one goes, after the release hook
+ * (ab_set_release_hook).  The engine drops its own references too, so the
+ * owner clears the data the hook looks at before dropping its last
+ * reference. */
 void ab_op_release(ab_op *op);
 
 const ab_op_type *ab_op_type_of(const ab_op *op);
@@ -156,7 +174,9 @@ int ab_await_timer(ab_op *op, double seconds);
 int ab_await_fd(ab_op *op, int fd, unsigned events, double timeout);
 /* fn(op) runs on a worker pool thread, without the GIL; the step resumes
  * with AB_EV_WORK when it returns (even if cancelled meanwhile, so the
- * state stays valid while fn runs). */
+ * state stays valid while fn runs; fn may look at ab_work_cancelled).  A
+ * cancel that comes before a worker took fn skips it: the step resumes
+ * with AB_EV_CANCEL alone. */
 int ab_await_work(ab_op *op, ab_work_fn fn);
 /* Ask the owner to call the Python object kept in `slot` with no
  * arguments and await what it returns (a coroutine, a Future or any
@@ -167,6 +187,89 @@ int ab_await_python(ab_op *op, int slot);
 int ab_op_python_failed(const ab_op *op);
 /* Wait for nothing: only cancellation resumes the op. */
 int ab_await_cancel(ab_op *op);
+
+/* ---- waking an op from any thread ---------------------------------------
+ * For libraries that report completion on threads of their own (SDK
+ * callbacks, getaddrinfo_a with SIGEV_THREAD, CUDA host functions): the
+ * step retains the op for the callback, starts the library call and awaits
+ * a signal; the callback writes its outcome into the state, calls
+ * ab_op_signal and then ab_op_release.  What a thread wrote before
+ * ab_op_signal is visible to the step that the signal resumes. */
+
+/* Any thread holding a reference: wake the op's ab_await_signal.  A signal
+ * that comes while the op does not wait for one is kept for its next
+ * ab_await_signal, which then returns at once; several signals before the
+ * op looks count as one.  Harmless once the op finished or was cancelled.
+ * Signals from many threads in a burst wake the engine once. */
+void ab_op_signal(ab_op *op);
+/* Wait for ab_op_signal; timeout < 0 or infinite means none.  Resumes
+ * with AB_EV_SIGNAL, or AB_EV_TIMER when the timeout came first (a signal
+ * after that is kept for the next ab_await_signal). */
+int ab_await_signal(ab_op *op, double timeout);
+
+/* ---- many fds at once ---------------------------------------------------
+ * Each op has a set of fds (empty at first) that ab_await_fds watches all
+ * at once, for protocols with a changing set of sockets (c-ares' socket
+ * callback, libcurl's CURLMOPT_SOCKETFUNCTION).  The set stays registered
+ * with the kernel between waits: changing one fd costs one epoll_ctl, an
+ * unchanged set costs nothing.  Engine thread (a step, or a callback the
+ * library makes from inside one).  The set is freed after cleanup. */
+
+/* Watch fd for events (AB_EV_READ and/or AB_EV_WRITE), replacing what was
+ * watched for it; events == 0 stops watching it (do that before the fd is
+ * closed).  0, or -EBADF, -EINVAL, -ENOMEM. */
+int ab_fds_watch(ab_op *op, int fd, unsigned events);
+/* Wait until an fd of the set is ready or the timeout (< 0 or infinite:
+ * none) passes.  Resumes with AB_EV_FDS when some are ready (read them with
+ * ab_fds_next), else AB_EV_TIMER.  An empty set waits for the timeout. */
+int ab_await_fds(ab_op *op, double timeout);
+/* After an AB_EV_FDS resume: 1 with the next ready fd and its ready events
+ * (AB_EV_READ, AB_EV_WRITE), or 0 when none is left. */
+int ab_fds_next(ab_op *op, int *fd, unsigned *events);
+
+/* ---- blocking calls and cancellation ------------------------------------
+ * ab_await_work's pool is sized for computing (one thread per CPU, lower
+ * priority).  Calls that mostly wait (a DNS lookup, a slow disk, a
+ * library's blocking connect or PQcancel) go to a second pool, sized for
+ * waiting, so that neither starves the other. */
+
+/* As ab_await_work, on the blocking pool (threads start as calls wait for
+ * one, up to its size: 64 unless configured). */
+int ab_await_blocking(ab_op *op, ab_work_fn fn);
+/* Inside a pool function (either pool): 1 if a cancel interrupted the wait
+ * that runs it, so it may stop early; the step resumes with AB_EV_WORK
+ * whatever fn did.  Work armed after the cancel is never interrupted: this
+ * stays 0 for it. */
+int ab_work_cancelled(const ab_op *op);
+
+/* ---- streams: an op that emits many items -------------------------------
+ * An op wrapped with abpy_wrap_stream is an async iterator in Python: each
+ * ab_yield_* emits one item, delivered to the loop in batches (one wake-up
+ * per burst); returning ends the iteration after every item emitted (its
+ * value is ignored), failing raises at the __anext__ after the last item.
+ * The consumer keeps at most max_buffered items; a producer that emits more
+ * than ab_stream_room allows should AB_AWAIT(op, ab_await_demand(op)).
+ * Engine thread, in a step.  Each returns 0, or -ENOMEM, -ECANCELED once
+ * the stream was closed (nobody will read more), AB_ESTATE if the op is
+ * not a stream. */
+int ab_yield_int(ab_op *op, int64_t v);
+int ab_yield_float(ab_op *op, double v);
+int ab_yield_bytes(ab_op *op, const void *data, size_t len); /* copies */
+int ab_yield_str(ab_op *op, const char *utf8, size_t len);   /* copies */
+int ab_yield_kept(ab_op *op, int slot);
+/* An item of your own: to_python(data) runs on the loop thread with the
+ * GIL when the consumer takes it (a new reference, or NULL with an
+ * exception set, which that __anext__ raises); free_data(data) runs once,
+ * after to_python or when the item is dropped unread, on any thread and
+ * without Python.  free_data may be NULL. */
+int ab_yield_custom(ab_op *op, struct _object *(*to_python)(void *data), void *data,
+                    void (*free_data)(void *data));
+/* How many more items the consumer can buffer now (<= 0: full). */
+int ab_stream_room(const ab_op *op);
+/* Wait until the consumer has taken items: resumes with AB_EV_DEMAND when
+ * at most half of max_buffered items wait, at once if that is so already.
+ * After the stream was closed, resumes at once with AB_EV_CANCEL. */
+int ab_await_demand(ab_op *op);
 
 /* ---- protothread macros -------------------------------------------------
  * Straight-line state machines:
@@ -228,8 +331,9 @@ void ab_set_release_hook(void (*hook)(ab_op *op));
 
 /* ---- sinks: where finished ops go --------------------------------------- */
 
-/* Messages a sink receives (ab_sink_next's *msg). */
-enum { AB_MSG_FINISHED = 1, AB_MSG_PYTHON = 2 };
+/* Messages a sink receives, as bits (ab_sink_msgs): an op is queued on its
+ * sink at most once, carrying every message sent since it was taken. */
+enum { AB_MSG_FINISHED = 1, AB_MSG_PYTHON = 2, AB_MSG_ITEMS = 4 };
 
 struct ab_sink {
     /* Engine thread, when the queue turns non-empty: wake the owner.
@@ -243,8 +347,37 @@ void ab_sink_init(ab_sink *sink, void (*notify)(ab_sink *), void *user);
 /* Owner thread: take every queued op at once, oldest first; walk them
  * with ab_sink_next.  Returns NULL when empty. */
 ab_op *ab_sink_take(ab_sink *sink);
-/* The op after `op` in a taken batch, and the message `op` carried. */
-ab_op *ab_sink_next(ab_op *op, int *msg);
+/* The op after `op` in a taken batch. */
+ab_op *ab_sink_next(ab_op *op);
+/* The messages for `op` (AB_MSG_* bits), taken when the owner handles it:
+ * call once per op of a batch, after ab_sink_next (from then on the engine
+ * may queue the op again). */
+unsigned ab_sink_msgs(ab_op *op);
+
+/* ---- streams: the owner's side ---------------------------------------------- */
+
+/* Make `op` a stream whose consumer buffers at most max_buffered (>= 1)
+ * items; before ab_submit. */
+void ab_op_set_stream(ab_op *op, int max_buffered);
+typedef struct ab_item ab_item;
+/* Owner thread: the items emitted since the last call, oldest first (walk
+ * them with ab_item_next), or NULL. */
+ab_item *ab_op_take_items(ab_op *op);
+ab_item *ab_item_next(const ab_item *item);
+/* Link item to next (the owner's own list of taken items). */
+void ab_item_set_next(ab_item *item, ab_item *next);
+/* The item's kind (AB_RESULT_INT/FLOAT/BYTES/STR/KEPT/CUSTOM) and value. */
+ab_result_kind ab_item_kind(const ab_item *item);
+int64_t ab_item_int(const ab_item *item);
+double ab_item_float(const ab_item *item);
+const void *ab_item_data(const ab_item *item, size_t *len); /* BYTES, STR */
+int ab_item_slot(const ab_item *item);                      /* KEPT */
+struct _object *ab_item_custom(const ab_item *item);        /* CUSTOM: calls to_python */
+/* Free one item (not its successors); any thread. */
+void ab_item_free(ab_item *item);
+/* Owner thread: the consumer took n more items (cheap; wakes a producer
+ * waiting in ab_await_demand when enough room was made). */
+void ab_stream_consumed(ab_op *op, int n);
 
 /* Hand a sink the owner no longer uses to the engine, which calls
  * free_fn(sink) once no notify on it can be running any more (at once if
@@ -283,6 +416,10 @@ void ab_engine_abandon(void);
  * the next start of the pool (the pool starts on first use). */
 int ab_pool_configure(int workers);
 int ab_pool_size(void);
+/* Most threads of the blocking pool (ab_await_blocking), 1..1024; they
+ * start as calls wait for one.  Default 64. */
+int ab_blocking_configure(int threads);
+int ab_blocking_size(void);
 
 /* Start `op` on the engine; its outcome goes to `sink`.  Takes a second
  * reference, the engine's, which the owner drops with ab_op_collect once
@@ -298,6 +435,10 @@ void ab_cancel(ab_op *op);
 /* Owner thread, for an AB_MSG_PYTHON op: the awaitable finished; failed is
  * nonzero when it raised. */
 void ab_python_done(ab_op *op, int failed);
+/* Owner thread, for an AB_MSG_PYTHON op whose awaitable cannot run any
+ * more (its loop closed, its Op gone): the step resumes with AB_EV_CANCEL
+ * and ab_op_python_failed() true. */
+void ab_python_skipped(ab_op *op);
 /* The slot an AB_MSG_PYTHON op asks to call. */
 int ab_op_python_slot(const ab_op *op);
 /* Fork generation: increases in every child; ops submitted in an earlier
@@ -314,6 +455,9 @@ typedef enum {
     AB_WAITING_WORK,
     AB_WAITING_PYTHON,
     AB_WAITING_CANCEL,
+    AB_WAITING_SIGNAL,
+    AB_WAITING_FDS,
+    AB_WAITING_DEMAND,
 } ab_waiting_kind;
 
 typedef struct ab_waiting {
@@ -327,6 +471,8 @@ void ab_op_waiting(const ab_op *op, ab_waiting *out);
 typedef struct ab_stats {
     uint64_t submitted, completed, cancelled, in_flight;
     uint64_t engine_wakeups, sink_wakeups, largest_batch;
+    /* Pool functions queued and not yet taken by a worker; threads. */
+    uint64_t pool_queued, pool_threads, blocking_queued, blocking_threads;
 } ab_stats;
 
 void ab_stats_get(ab_stats *out);

@@ -17,6 +17,50 @@ enum ab__wait {
     AB__WAIT_WORK,   /* a pool function */
     AB__WAIT_PYTHON, /* the owner, running a Python awaitable */
     AB__WAIT_CANCEL, /* nothing but cancellation */
+    AB__WAIT_SIGNAL, /* ab_op_signal, maybe with a timer */
+    AB__WAIT_FDS,    /* the op's fd set, maybe with a timer */
+    AB__WAIT_DEMAND, /* the stream's consumer */
+};
+
+/* Posts that may come after the op finished (a cancel from the owner, a
+ * signal from any thread, a stream's demand): their inbox entry holds a
+ * reference of its own. */
+#define AB__POST_REFS (AB_EV_CANCEL | AB_EV_SIGNAL | AB_EV_DEMAND)
+
+/* The op's fd set (ab_fds_watch): entries are allocated one by one, since
+ * libevent keeps pointers to their events. */
+struct ab__fd {
+    int fd;
+    unsigned want;  /* AB_EV_READ | AB_EV_WRITE asked for */
+    unsigned ready; /* seen ready during the current wait */
+    int added;      /* its event is registered with these flags */
+    ab_op *op;
+    struct event ev;
+};
+struct ab__fdset {
+    struct ab__fd **v;
+    int n, cap;
+    int cursor; /* ab_fds_next */
+};
+
+/* A stream's item (ab_yield_*). */
+struct ab_item {
+    ab_item *next;
+    ab_result_kind kind;
+    union {
+        int64_t i;
+        double d;
+        int slot;
+        struct {
+            char *data; /* follows the item */
+            size_t len;
+        } buf;
+        struct {
+            struct _object *(*to_python)(void *data);
+            void *data;
+            void (*free_data)(void *data);
+        } custom;
+    } v;
 };
 
 /* In ab_op.pending beside the AB_EV_* bits: the op is on the inbox, and
@@ -42,7 +86,17 @@ struct ab_op {
     unsigned char wait;
     unsigned char wait_events;
     unsigned char started, finished, cancelled, cleaned, submitted;
-    int sink_msg;
+    unsigned char signal_kept;       /* a signal came while not waiting for one */
+    unsigned char timer_armed;       /* a signal or fd-set wait's timeout */
+    unsigned char soon_queued;       /* on the engine's soon list */
+    unsigned char work_after_cancel; /* the pool work was armed after a cancel */
+    unsigned char work_blocking;     /* on the blocking pool */
+    unsigned char work_skipped;      /* written by the pool thread before AB_EV_WORK */
+    unsigned soon_why;               /* AB_EV_* for the soon list's resume */
+    ab_op *soon_next;
+    struct ab__fdset *fds;
+    /* AB_MSG_* bits for the owner; the op is on its sink while nonzero. */
+    atomic_uint sink_msgs;
     int wait_fd;
     /* What the current wait needs; one wait at a time. */
     union {
@@ -58,6 +112,7 @@ struct ab_op {
     };
     /* Written by the owner before AB_EV_PYTHON; read by the step after. */
     int python_failed;
+    int python_skipped; /* ... and the awaitable never ran (ab_python_skipped) */
 
     /* Links: the inbox has its own, since an op can sit on the inbox (a
      * cancel) while it is queued elsewhere; an op waits on the pool or on
@@ -84,6 +139,14 @@ struct ab_op {
         } buf;
     } result;
 
+    /* Streams (ab_op_set_stream): items emitted and not yet consumed, and
+     * whether the producer waits for demand (both: engine and owner). */
+    int stream_max;
+    int stream_local; /* owner: consumed, not yet subtracted from stream_out */
+    atomic_int stream_out;
+    atomic_int demand_waiting;
+    ab_item *items; /* lock-free stack: the engine pushes, the owner takes */
+
     _Alignas(max_align_t) unsigned char state[];
 };
 
@@ -94,6 +157,14 @@ void ab__engine_post(ab_op *op, unsigned bits);
 int ab__on_engine_thread(void);
 /* op.c */
 void ab__op_finish_cleanup(ab_op *op);
+/* stream.c: drop a stream's items nobody took (the op is freed). */
+void ab__items_free(ab_op *op);
+/* engine.c: queue AB_MSG_* bits for the owner (engine thread). */
+void ab__sink_send(ab_op *op, unsigned msg);
+/* engine.c: resume a suspended op with `why` after the current callbacks
+ * (engine thread); skipped if it resumes otherwise first. */
+void ab__soon(ab_op *op, unsigned why);
+void ab__set_wait(ab_op *op, enum ab__wait wait);
 /* timers.c, engine thread */
 uint64_t ab__now_ns(void);
 int ab__timers_start(struct event_base *base, void (*fire)(ab_op *op));
@@ -101,8 +172,10 @@ void ab__timers_stop(void);
 void ab__timers_forget(void);
 int ab__timer_add(ab_op *op, uint64_t deadline);
 void ab__timer_remove(ab_op *op);
-/* pool.c: queue fn for op; 0 or a negative error.  Engine thread. */
+/* pool.c: queue op->work on the CPU pool, or the blocking pool when
+ * op->work_blocking; 0 or a negative error.  Engine thread. */
 int ab__pool_submit(ab_op *op);
+void ab__pool_stats(ab_stats *out);
 void ab__pool_atfork_prepare(void);
 void ab__pool_atfork_parent(void);
 void ab__pool_atfork_child(void);

@@ -43,6 +43,10 @@ static struct engine {
     atomic_int wake_fd; /* set once per process (and again in a fork child) */
     struct event wake_ev;
     ab_op *inbox; /* lock-free stack */
+    /* Ops to resume after the callbacks of this loop turn (ab__soon):
+     * engine thread only, run by soon_ev. */
+    ab_op *soon;
+    struct event soon_ev;
     atomic_int awake; /* the engine looks at the inbox: posters need not wake it */
     atomic_int stop_asked;
 
@@ -85,6 +89,8 @@ set_wait(ab_op *op, enum ab__wait wait)
     __atomic_store_n(&op->wait, (unsigned char)wait, __ATOMIC_RELAXED);
 }
 
+void ab__set_wait(ab_op *op, enum ab__wait wait) { set_wait(op, wait); }
+
 void
 ab_op_waiting(const ab_op *op, ab_waiting *out)
 {
@@ -92,6 +98,8 @@ ab_op_waiting(const ab_op *op, ab_waiting *out)
         [AB__WAIT_NONE] = AB_WAITING_NOTHING, [AB__WAIT_EVENT] = AB_WAITING_FD,
         [AB__WAIT_TIMER] = AB_WAITING_TIMER,  [AB__WAIT_WORK] = AB_WAITING_WORK,
         [AB__WAIT_PYTHON] = AB_WAITING_PYTHON, [AB__WAIT_CANCEL] = AB_WAITING_CANCEL,
+        [AB__WAIT_SIGNAL] = AB_WAITING_SIGNAL, [AB__WAIT_FDS] = AB_WAITING_FDS,
+        [AB__WAIT_DEMAND] = AB_WAITING_DEMAND,
     };
     unsigned wait = __atomic_load_n(&op->wait, __ATOMIC_RELAXED);
     out->kind = wait < sizeof(kinds) / sizeof(kinds[0]) ? kinds[wait] : AB_WAITING_NOTHING;
@@ -113,6 +121,7 @@ ab_stats_get(ab_stats *out)
     out->engine_wakeups = atomic_load(&S.engine_wakeups);
     out->sink_wakeups = atomic_load(&S.sink_wakeups);
     out->largest_batch = atomic_load(&S.largest_batch);
+    ab__pool_stats(out);
 }
 
 void
@@ -132,11 +141,15 @@ ab_op_collect(ab_op *op)
 
 /* ---- finishing: outcome to the sink -------------------------------------- */
 
-static void
-sink_push(ab_sink *sink, ab_op *op, int msg)
+/* An op is on its sink at most once: messages sent while it is there ride
+ * along (the owner takes them all with ab_sink_msgs). */
+void
+ab__sink_send(ab_op *op, unsigned msg)
 {
+    if (atomic_fetch_or(&op->sink_msgs, msg) != 0)
+        return;
+    ab_sink *sink = op->sink;
     ab_op *old = __atomic_load_n(&sink->head, __ATOMIC_RELAXED);
-    op->sink_msg = msg;
     do {
         op->sink_next = old;
     } while (!__atomic_compare_exchange_n(&sink->head, &old, op, 1,
@@ -146,6 +159,8 @@ sink_push(ab_sink *sink, ab_op *op, int msg)
         sink->notify(sink);
     }
 }
+
+static void fds_free(ab_op *op);
 
 static void
 finish(ab_op *op)
@@ -159,8 +174,9 @@ finish(ab_op *op)
     else
         atomic_fetch_add_explicit(&S.completed, 1, memory_order_relaxed);
     ab__op_finish_cleanup(op);
+    fds_free(op);
     if (op->sink != NULL)
-        sink_push(op->sink, op, AB_MSG_FINISHED);
+        ab__sink_send(op, AB_MSG_FINISHED);
     else
         ab_op_release(op); /* engine-owned: nobody waits for it */
 }
@@ -169,6 +185,13 @@ static void
 resume(ab_op *op, unsigned why)
 {
     op->event = why;
+    op->soon_why = 0; /* a soon entry for the wait that ends here is stale */
+    if (op->timer_armed) {
+        ab__timer_remove(op);
+        op->timer_armed = 0;
+    }
+    if (op->wait == AB__WAIT_DEMAND)
+        atomic_store(&op->demand_waiting, 0);
     set_wait(op, AB__WAIT_NONE);
     if (op->type->step(op) == AB_DONE) {
         finish(op);
@@ -197,6 +220,9 @@ on_cancel(ab_op *op)
         /* fallthrough */
     case AB__WAIT_CANCEL:
     case AB__WAIT_NONE:
+    case AB__WAIT_SIGNAL: /* resume() removes their timers */
+    case AB__WAIT_FDS:
+    case AB__WAIT_DEMAND:
         resume(op, AB_EV_CANCEL);
         break;
     case AB__WAIT_WORK:   /* the pool function still uses the state */
@@ -220,10 +246,66 @@ dispatch(ab_op *op, unsigned ev)
     }
     if ((ev & AB_EV_CANCEL) && op->started)
         on_cancel(op);
-    if ((ev & AB_EV_WORK) && op->wait == AB__WAIT_WORK)
-        resume(op, AB_EV_WORK);
-    if ((ev & AB_EV_PYTHON) && op->wait == AB__WAIT_PYTHON)
-        resume(op, AB_EV_PYTHON);
+    if (ev & AB_EV_SIGNAL) {
+        if (op->wait == AB__WAIT_SIGNAL)
+            resume(op, AB_EV_SIGNAL);
+        else if (!op->finished)
+            op->signal_kept = 1; /* for the next ab_await_signal (or before START) */
+    }
+    if ((ev & AB_EV_WORK) && op->wait == AB__WAIT_WORK) {
+        if (op->work_skipped) {
+            /* Skipped for a cancel whose own post may still be on its way:
+             * the step must see it cancelled now. */
+            op->cancelled = 1;
+            resume(op, AB_EV_CANCEL);
+        } else {
+            resume(op, AB_EV_WORK);
+        }
+    }
+    if ((ev & AB_EV_PYTHON) && op->wait == AB__WAIT_PYTHON) {
+        if (op->python_skipped)
+            op->cancelled = 1; /* as for skipped work */
+        resume(op, op->python_skipped ? AB_EV_CANCEL : AB_EV_PYTHON);
+    }
+    if ((ev & AB_EV_DEMAND) && op->wait == AB__WAIT_DEMAND)
+        resume(op, AB_EV_DEMAND);
+}
+
+/* ---- soon: resume after this turn's callbacks ------------------------------ */
+
+void
+ab__soon(ab_op *op, unsigned why)
+{
+    op->soon_why |= why;
+    if (op->soon_queued)
+        return;
+    op->soon_queued = 1;
+    /* The list's reference: a cancel may finish the op, and its owner free
+     * it, before soon_ev runs. */
+    atomic_fetch_add_explicit(&op->refs, 1, memory_order_relaxed);
+    op->soon_next = E.soon;
+    E.soon = op;
+    event_active(&E.soon_ev, EV_READ, 1);
+}
+
+static void
+on_soon(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+    ab_op *list = E.soon;
+    E.soon = NULL;
+    while (list != NULL) {
+        ab_op *op = list;
+        list = op->soon_next;
+        op->soon_queued = 0;
+        unsigned why = op->soon_why;
+        op->soon_why = 0;
+        if (why != 0 && !op->finished && op->wait != AB__WAIT_NONE)
+            resume(op, why);
+        ab_op_release(op);
+    }
 }
 
 /* ---- the inbox ------------------------------------------------------------ */
@@ -249,7 +331,7 @@ ab__engine_post(ab_op *op, unsigned bits)
      * has taken this entry: the engine's own reference covers it.  A
      * cancel can be posted after the op finished, and the owner may free
      * it once its outcome is collected: that entry holds a reference. */
-    if (bits & AB_EV_CANCEL) {
+    if (bits & AB__POST_REFS) {
         atomic_fetch_add_explicit(&op->refs, 1, memory_order_relaxed);
         atomic_fetch_or(&op->pending, AB__HOLDS_REF);
     }
@@ -391,7 +473,8 @@ drop_inbox(void)
     ab_op *op = __atomic_exchange_n(&E.inbox, NULL, __ATOMIC_SEQ_CST);
     while (op != NULL) {
         ab_op *next = op->inbox_next;
-        unsigned ev = atomic_exchange(&op->pending, 0);
+        /* A signal for an op not yet submitted is kept for its start. */
+        unsigned ev = atomic_fetch_and(&op->pending, AB_EV_SIGNAL);
         if (ev & AB__HOLDS_REF)
             ab_op_release(op);
         if (op->type == &call_type && !op->finished) {
@@ -448,6 +531,7 @@ new_base_locked(void)
     if (E.base == NULL)
         return -ENOMEM;
     event_assign(&E.wake_ev, E.base, E.wake_fd, EV_READ | EV_PERSIST, on_wake, NULL);
+    event_assign(&E.soon_ev, E.base, -1, 0, on_soon, NULL);
     if (ab__timers_start(E.base, on_timer_due) < 0 || event_add(&E.wake_ev, NULL) < 0) {
         ab__timers_stop();
         event_base_free(E.base);
@@ -465,6 +549,7 @@ free_base_locked(void)
     if (E.base == NULL)
         return;
     event_del(&E.wake_ev);
+    event_del(&E.soon_ev);
     ab__timers_stop();
     event_base_free(E.base);
     E.base = NULL;
@@ -584,6 +669,7 @@ ab_engine_abandon(void)
     if (!E.running) {
         /* Leaked with the ops whose waits it holds: nothing may run them. */
         E.base = NULL;
+        E.soon = NULL;
         ab__timers_forget();
         __atomic_store_n(&E.inbox, NULL, __ATOMIC_RELEASE);
         atomic_store(&S.in_flight, 0);
@@ -639,6 +725,7 @@ atfork_child(void)
     __atomic_store_n(&E.running, 0, __ATOMIC_RELEASE);
     atomic_store(&E.accepting, 0);
     E.base = NULL;
+    E.soon = NULL;
     ab__timers_forget();
     E.wake_fd = -1; /* the inherited copy stays open: a stale post may hit it */
     __atomic_store_n(&E.inbox, NULL, __ATOMIC_RELEASE);
@@ -661,7 +748,7 @@ ab_submit(ab_op *op, ab_sink *sink)
     }
     op->submitted = 1;
     op->sink = sink;
-    op->generation = ab_fork_generation();
+    __atomic_store_n(&op->generation, ab_fork_generation(), __ATOMIC_RELAXED);
     atomic_fetch_add_explicit(&op->refs, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&S.submitted, 1, memory_order_relaxed);
     ab__engine_post(op, AB_EV_START);
@@ -671,7 +758,7 @@ ab_submit(ab_op *op, ab_sink *sink)
 void
 ab_cancel(ab_op *op)
 {
-    if (!op->submitted || op->generation != ab_fork_generation())
+    if (!op->submitted || __atomic_load_n(&op->generation, __ATOMIC_RELAXED) != ab_fork_generation())
         return;
     if (atomic_exchange(&op->cancel_asked, AB__CANCEL_ASKED))
         return;
@@ -682,7 +769,25 @@ void
 ab_python_done(ab_op *op, int failed)
 {
     op->python_failed = failed;
+    op->python_skipped = 0;
     ab__engine_post(op, AB_EV_PYTHON);
+}
+
+void
+ab_python_skipped(ab_op *op)
+{
+    op->python_failed = 1;
+    op->python_skipped = 1;
+    ab__engine_post(op, AB_EV_PYTHON);
+}
+
+void
+ab_op_signal(ab_op *op)
+{
+    /* An op of the parent, in a fork child: it can never resume here. */
+    if (__atomic_load_n(&op->generation, __ATOMIC_RELAXED) != ab_fork_generation())
+        return;
+    ab__engine_post(op, AB_EV_SIGNAL);
 }
 
 /* Run c on the engine thread after what was posted before it, or here at
@@ -743,7 +848,9 @@ on_event(evutil_socket_t fd, short what, void *arg)
 static void
 on_timer_due(ab_op *op)
 {
-    resume(op, AB_EV_TIMER);
+    /* timers.c took it off the heap; fds seen ready this turn ride along. */
+    op->timer_armed = 0;
+    resume(op, AB_EV_TIMER | (op->soon_why & AB_EV_FDS));
 }
 
 static struct timeval
@@ -819,14 +926,206 @@ ab_await_cancel(ab_op *op)
     return 0;
 }
 
-int
-ab_await_work(ab_op *op, ab_work_fn fn)
+static int
+await_pool(ab_op *op, ab_work_fn fn, int blocking)
 {
     op->work = fn;
+    op->work_blocking = (unsigned char)blocking;
+    /* Armed after the cancel: never interrupted by it (read by the pool
+     * thread, after the queue's lock orders it). */
+    op->work_after_cancel = op->cancelled;
+    op->work_skipped = 0;
     int rc = ab__pool_submit(op);
     if (rc == 0)
         set_wait(op, AB__WAIT_WORK);
     return rc;
+}
+
+int ab_await_work(ab_op *op, ab_work_fn fn) { return await_pool(op, fn, 0); }
+int ab_await_blocking(ab_op *op, ab_work_fn fn) { return await_pool(op, fn, 1); }
+
+int
+ab_work_cancelled(const ab_op *op)
+{
+    return !op->work_after_cancel && atomic_load(&((ab_op *)op)->cancel_asked) != 0;
+}
+
+/* A timeout for a signal or fd-set wait, through the timer heap. */
+static int
+arm_timeout(ab_op *op, double timeout)
+{
+    if (isnan(timeout))
+        return -EINVAL;
+    if (timeout < 0 || timeout > AB__TIMER_MAX)
+        return 0;
+    int rc = ab__timer_add(op, ab__now_ns() + (uint64_t)ceil(timeout * 1e9));
+    if (rc == 0)
+        op->timer_armed = 1;
+    return rc;
+}
+
+int
+ab_await_signal(ab_op *op, double timeout)
+{
+    if (isnan(timeout))
+        return -EINVAL;
+    if (op->signal_kept) {
+        op->signal_kept = 0;
+        set_wait(op, AB__WAIT_SIGNAL);
+        ab__soon(op, AB_EV_SIGNAL);
+        return 0;
+    }
+    int rc = arm_timeout(op, timeout);
+    if (rc == 0)
+        set_wait(op, AB__WAIT_SIGNAL);
+    return rc;
+}
+
+/* ---- fd sets ------------------------------------------------------------------- */
+
+static void
+on_fd(evutil_socket_t fd, short what, void *arg)
+{
+    struct ab__fd *e = arg;
+    ab_op *op = e->op;
+    (void)fd;
+    if (op->wait != AB__WAIT_FDS) {
+        /* Level-triggered: the next ab_await_fds sees it again.  Until
+         * then it must not fire every turn. */
+        event_del(&e->ev);
+        e->added = 0;
+        return;
+    }
+    e->ready |= ((what & EV_READ) ? AB_EV_READ : 0) | ((what & EV_WRITE) ? AB_EV_WRITE : 0);
+    /* One resume for every fd ready in this turn. */
+    ab__soon(op, AB_EV_FDS);
+}
+
+static int
+fds_find(struct ab__fdset *set, int fd)
+{
+    for (int i = 0; set != NULL && i < set->n; i++)
+        if (set->v[i]->fd == fd)
+            return i;
+    return -1;
+}
+
+int
+ab_fds_watch(ab_op *op, int fd, unsigned events)
+{
+    if (fd < 0)
+        return -EBADF;
+    if (events & ~(unsigned)(AB_EV_READ | AB_EV_WRITE))
+        return -EINVAL;
+    struct ab__fdset *set = op->fds;
+    int i = fds_find(set, fd);
+    if (events == 0) {
+        if (i < 0)
+            return 0;
+        struct ab__fd *e = set->v[i];
+        if (e->added)
+            event_del(&e->ev);
+        free(e);
+        memmove(&set->v[i], &set->v[i + 1], sizeof(set->v[0]) * (size_t)(set->n - i - 1));
+        set->n--;
+        if (set->cursor > i)
+            set->cursor--;
+        return 0;
+    }
+    if (i >= 0) {
+        struct ab__fd *e = set->v[i];
+        if (e->want != events) {
+            if (e->added)
+                event_del(&e->ev); /* registered again by the next wait */
+            e->added = 0;
+            e->want = events;
+        }
+        return 0;
+    }
+    if (fcntl(fd, F_GETFD) < 0)
+        return -errno;
+    if (set == NULL) {
+        if ((set = calloc(1, sizeof(*set))) == NULL)
+            return -ENOMEM;
+        op->fds = set;
+    }
+    if (set->n == set->cap) {
+        int cap = set->cap ? set->cap * 2 : 8;
+        struct ab__fd **v = realloc(set->v, sizeof(*v) * (size_t)cap);
+        if (v == NULL)
+            return -ENOMEM;
+        set->v = v;
+        set->cap = cap;
+    }
+    struct ab__fd *e = calloc(1, sizeof(*e));
+    if (e == NULL)
+        return -ENOMEM;
+    e->fd = fd;
+    e->want = events;
+    e->op = op;
+    set->v[set->n++] = e;
+    return 0;
+}
+
+int
+ab_await_fds(ab_op *op, double timeout)
+{
+    struct ab__fdset *set = op->fds;
+    if (isnan(timeout))
+        return -EINVAL;
+    for (int i = 0; set != NULL && i < set->n; i++) {
+        struct ab__fd *e = set->v[i];
+        e->ready = 0;
+        if (e->added)
+            continue;
+        short what = (short)(EV_PERSIST | ((e->want & AB_EV_READ) ? EV_READ : 0) |
+                             ((e->want & AB_EV_WRITE) ? EV_WRITE : 0));
+        event_assign(&e->ev, E.base, e->fd, what, on_fd, e);
+        errno = 0;
+        if (event_add(&e->ev, NULL) < 0)
+            return errno > 0 ? -errno : -EIO;
+        e->added = 1;
+    }
+    if (set != NULL)
+        set->cursor = 0;
+    event_base_update_cache_time(E.base);
+    int rc = arm_timeout(op, timeout);
+    if (rc == 0)
+        set_wait(op, AB__WAIT_FDS);
+    return rc;
+}
+
+int
+ab_fds_next(ab_op *op, int *fd, unsigned *events)
+{
+    struct ab__fdset *set = op->fds;
+    while (set != NULL && set->cursor < set->n) {
+        struct ab__fd *e = set->v[set->cursor++];
+        if (e->ready) {
+            *fd = e->fd;
+            *events = e->ready;
+            e->ready = 0;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* After cleanup, on the engine thread (its events are on the base). */
+static void
+fds_free(ab_op *op)
+{
+    struct ab__fdset *set = op->fds;
+    if (set == NULL)
+        return;
+    for (int i = 0; i < set->n; i++) {
+        if (set->v[i]->added)
+            event_del(&set->v[i]->ev);
+        free(set->v[i]);
+    }
+    free(set->v);
+    free(set);
+    op->fds = NULL;
 }
 
 int
@@ -837,6 +1136,6 @@ ab_await_python(ab_op *op, int slot)
     op->python_slot = slot;
     op->python_failed = 0;
     set_wait(op, AB__WAIT_PYTHON);
-    sink_push(op->sink, op, AB_MSG_PYTHON);
+    ab__sink_send(op, AB_MSG_PYTHON);
     return 0;
 }

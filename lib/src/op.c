@@ -40,6 +40,8 @@ ab_op_new(const ab_op_type *type)
         return NULL;
     op->type = type;
     atomic_init(&op->refs, 1);
+    /* ab_op_signal ignores ops of another fork generation. */
+    op->generation = ab_fork_generation();
     return op;
 }
 
@@ -81,6 +83,12 @@ ab__op_finish_cleanup(ab_op *op)
 }
 
 void
+ab_op_retain(ab_op *op)
+{
+    atomic_fetch_add_explicit(&op->refs, 1, memory_order_relaxed);
+}
+
+void
 ab_op_release(ab_op *op)
 {
     if (atomic_fetch_sub_explicit(&op->refs, 1, memory_order_acq_rel) != 1)
@@ -91,6 +99,7 @@ ab_op_release(ab_op *op)
     if (op->type->dispose != NULL)
         op->type->dispose(op);
     free_result(op);
+    ab__items_free(op);
     free(op->error_message);
     free(op);
 }
@@ -235,8 +244,13 @@ ab_sink_take(ab_sink *sink)
 }
 
 ab_op *
-ab_sink_next(ab_op *op, int *msg)
+ab_sink_next(ab_op *op)
 {
-    *msg = op->sink_msg;
     return op->sink_next;
+}
+
+unsigned
+ab_sink_msgs(ab_op *op)
+{
+    return atomic_exchange(&op->sink_msgs, 0);
 }

@@ -209,7 +209,8 @@ th_next(th_sink *ts, double timeout, int *msg)
             ts->batch = ab_sink_take(&ts->sink);
         if (ts->batch != NULL) {
             ab_op *op = ts->batch;
-            ts->batch = ab_sink_next(op, msg);
+            ts->batch = ab_sink_next(op);
+            *msg = (int)ab_sink_msgs(op);
             return op;
         }
         if (th_sink_wait(ts, &deadline) < 0) {

@@ -44,9 +44,8 @@ test_burst(void)
         uint64_t n = 0;
         batches++;
         while (op != NULL) {
-            int msg;
-            ab_op *next = ab_sink_next(op, &msg); /* before handling op */
-            CHECK_EQ(msg, AB_MSG_FINISHED);
+            ab_op *next = ab_sink_next(op); /* before handling op */
+            CHECK_EQ(ab_sink_msgs(op), AB_MSG_FINISHED);
             CHECK_EQ(ab_op_error(op), 0);
             int id = (int)ab_op_result_int(op);
             CHECK(id >= 0 && id < N && ops[id] == op);
@@ -106,9 +105,10 @@ test_one_notify_until_taken(void)
         } while (atomic_load(&ts.notifies) == before || st.completed - start.completed < (uint64_t)(round + 1) * 100);
         th_sleep(0.01);
         CHECK_EQ(atomic_load(&ts.notifies) - before, 1);
-        int n = 0, msg;
+        int n = 0;
         for (ab_op *op = ab_sink_take(&ts.sink), *next; op != NULL; op = next) {
-            next = ab_sink_next(op, &msg);
+            next = ab_sink_next(op);
+            CHECK_EQ(ab_sink_msgs(op), AB_MSG_FINISHED);
             CHECK_EQ(ab_op_result_int(op), n); /* oldest first */
             ab_op_collect(op);
             ab_op_release(op);
