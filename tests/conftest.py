@@ -181,20 +181,43 @@ def sock_pair():
     b.close()
 
 
+def build_extension(out, name, source, include):
+    """Compile one test extension as a third-party module is built (only
+    the headers of `include`, nothing of asyncio_bridge linked) and import
+    it."""
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    target = out / f"{name}{suffix}"
+    cc = os.environ.get("CC", "cc")
+    cmd = [cc, "-shared", "-fPIC", "-O1", "-g", "-Wall", "-Werror",
+           f"-I{sysconfig.get_paths()['include']}", f"-I{include}",
+           str(source), "-o", str(target), "-pthread"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"cannot build {name}: {' '.join(cmd)}\n{proc.stderr}"
+    if str(out) not in sys.path:
+        sys.path.insert(0, str(out))
+    return __import__(name)
+
+
 @pytest.fixture(scope="session")
 def testops(tmp_path_factory):
     """The abr_testops extension (abr_testops.c), compiled against the
     installed headers exactly as a third-party extension is."""
-    out = tmp_path_factory.mktemp("testops")
-    suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    target = out / f"abr_testops{suffix}"
-    cc = os.environ.get("CC", "cc")
-    cmd = [cc, "-shared", "-fPIC", "-O1", "-g", "-Wall", "-Werror",
-           f"-I{sysconfig.get_paths()['include']}", f"-I{asyncio_bridge.get_include()}",
-           str(Path(__file__).parent / "reliability" / "abr_testops.c"), "-o", str(target)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"cannot build abr_testops: {' '.join(cmd)}\n{proc.stderr}"
-    sys.path.insert(0, str(out))
-    import abr_testops
+    return build_extension(tmp_path_factory.mktemp("testops"), "abr_testops",
+                           Path(__file__).parent / "reliability" / "abr_testops.c",
+                           asyncio_bridge.get_include())
 
-    return abr_testops
+
+@pytest.fixture(scope="session")
+def v2ops(tmp_path_factory):
+    """tests/capi/abr_v2ops.c, against the installed (version 2) headers."""
+    return build_extension(tmp_path_factory.mktemp("v2ops"), "abr_v2ops",
+                           Path(__file__).parent / "capi" / "abr_v2ops.c",
+                           asyncio_bridge.get_include())
+
+
+@pytest.fixture(scope="session")
+def v1ops(tmp_path_factory):
+    """tests/capi/abr_v1ops.c, against a copy of the version-1 headers."""
+    here = Path(__file__).parent / "capi"
+    return build_extension(tmp_path_factory.mktemp("v1ops"), "abr_v1ops",
+                           here / "abr_v1ops.c", here / "v1_include")

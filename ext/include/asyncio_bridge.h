@@ -169,8 +169,17 @@ AsyncioBridge_Import(void)
 {
     const AsyncioBridge_CAPI *api = (const AsyncioBridge_CAPI *)PyCapsule_Import(
         ASYNCIO_BRIDGE_CAPSULE, 0);
-    if (api == NULL)
+    if (api == NULL) {
+        /* An asyncio_bridge older than version 2 has no such capsule. */
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ImportError,
+                         "this module needs asyncio_bridge C API version %d or later; "
+                         "the installed asyncio_bridge is older: upgrade it",
+                         ASYNCIO_BRIDGE_CAPI_VERSION);
+        }
         return -1;
+    }
     if (api->version < ASYNCIO_BRIDGE_CAPI_VERSION || api->size < sizeof(*api)) {
         PyErr_Format(PyExc_ImportError,
                      "asyncio_bridge C API version mismatch: this module was built "

@@ -50,9 +50,13 @@ enum { AB_DONE = 0, AB_SUSPEND = 1 };
 
 /* Why a step was resumed (ab_op_event), and fd readiness bits.
  *
- * Cancellation interrupts the wait that is armed when it arrives (a pool
- * function not yet started is skipped, one running is let finish), and
- * that wait resumes with AB_EV_CANCEL.  Every wait armed after it runs
+ * Cancellation interrupts the wait that is armed when it arrives, and that
+ * wait resumes with AB_EV_CANCEL; two waits cannot be cut short: pool work
+ * already running is let finish (the step resumes with AB_EV_WORK; work
+ * not yet started is skipped and resumes with AB_EV_CANCEL), and a Python
+ * awaitable is cancelled in Python (the step resumes with AB_EV_PYTHON and
+ * ab_op_python_failed() true).  ab_op_cancelled is true from then on.
+ * Every wait armed after the cancel runs
  * normally, so that a cancelled op can still tear down: a timer, an fd
  * wait, pool work (e.g. PQcancel on the blocking pool), a signal.  Only
  * what can no longer happen is skipped, and then the step resumes with
@@ -185,7 +189,8 @@ int ab_await_work(ab_op *op, ab_work_fn fn);
  * AB_EV_PYTHON.  ab_op_python_failed() tells whether it raised. */
 int ab_await_python(ab_op *op, int slot);
 int ab_op_python_failed(const ab_op *op);
-/* Wait for nothing: only cancellation resumes the op. */
+/* Wait for nothing: only cancellation resumes the op (at once if it was
+ * cancelled already). */
 int ab_await_cancel(ab_op *op);
 
 /* ---- waking an op from any thread ---------------------------------------
@@ -213,7 +218,8 @@ int ab_await_signal(ab_op *op, double timeout);
  * callback, libcurl's CURLMOPT_SOCKETFUNCTION).  The set stays registered
  * with the kernel between waits: changing one fd costs one epoll_ctl, an
  * unchanged set costs nothing.  Engine thread (a step, or a callback the
- * library makes from inside one).  The set is freed after cleanup. */
+ * library makes from inside one).  The set is freed when the op finishes,
+ * before cleanup, so cleanup may close the fds. */
 
 /* Watch fd for events (AB_EV_READ and/or AB_EV_WRITE), replacing what was
  * watched for it; events == 0 stops watching it (do that before the fd is

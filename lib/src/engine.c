@@ -173,8 +173,8 @@ finish(ab_op *op)
         atomic_fetch_add_explicit(&S.cancelled, 1, memory_order_relaxed);
     else
         atomic_fetch_add_explicit(&S.completed, 1, memory_order_relaxed);
+    fds_free(op); /* first: cleanup may close its fds */
     ab__op_finish_cleanup(op);
-    fds_free(op);
     if (op->sink != NULL)
         ab__sink_send(op, AB_MSG_FINISHED);
     else
@@ -923,6 +923,8 @@ int
 ab_await_cancel(ab_op *op)
 {
     set_wait(op, AB__WAIT_CANCEL);
+    if (op->cancelled) /* a cancel comes once: it came already */
+        ab__soon(op, AB_EV_CANCEL);
     return 0;
 }
 
