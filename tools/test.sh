@@ -3,7 +3,8 @@
 # Python suite on stdlib asyncio and uvloop under both delivery paths (with
 # the reliability scenarios at reduced counts, refcounts checked on
 # python3.11-dbg) once for each of Python 3.11, 3.12 and 3.13 found on the
-# machine, the example extension built against the installed package, a
+# machine, the example extensions built against the installed package (the
+# libpq one tested against a real PostgreSQL server), a
 # benchmark smoke run, and the sanitizer runs (tools/sanitizers.sh).
 #
 # Each Python gets its own venv (.venv for the default python3, .venv-X.Y
@@ -41,6 +42,8 @@ for v in "${VERSIONS[@]}"; do
   if [ -f examples/build_and_test.sh ]; then
     echo "== Example extension on $full (third-party build against the installed header)"
     PYTHON="$PWD/$venv/bin/python" bash examples/build_and_test.sh
+    echo "== libpq example on $full, against a PostgreSQL server its tests start"
+    PYTHON="$PWD/$venv/bin/python" bash examples/pg_example/build_and_test.sh
   fi
   ran+=("$full")
 done
