@@ -51,11 +51,12 @@ enum { AB_DONE = 0, AB_SUSPEND = 1 };
 /* Why a step was resumed (ab_op_event), and fd readiness bits.
  *
  * Cancellation interrupts the wait that is armed when it arrives, and that
- * wait resumes with AB_EV_CANCEL; two waits cannot be cut short: pool work
- * already running is let finish (the step resumes with AB_EV_WORK; work
- * not yet started is skipped and resumes with AB_EV_CANCEL), and a Python
- * awaitable is cancelled in Python (the step resumes with AB_EV_PYTHON and
- * ab_op_python_failed() true).  ab_op_cancelled is true from then on.
+ * wait resumes with AB_EV_CANCEL among its bits: at once for timers, fds,
+ * fd sets, signals, demand and ab_await_cancel; pool work not yet started
+ * is skipped (AB_EV_CANCEL alone), pool work that runs is let finish
+ * (AB_EV_WORK | AB_EV_CANCEL), and a Python awaitable is cancelled in
+ * Python (AB_EV_PYTHON | AB_EV_CANCEL, ab_op_python_failed() true).
+ * ab_op_cancelled is true from then on.
  * Every wait armed after the cancel runs
  * normally, so that a cancelled op can still tear down: a timer, an fd
  * wait, pool work (e.g. PQcancel on the blocking pool), a signal.  Only
@@ -243,9 +244,9 @@ int ab_fds_next(ab_op *op, int *fd, unsigned *events);
  * one, up to its size: 64 unless configured). */
 int ab_await_blocking(ab_op *op, ab_work_fn fn);
 /* Inside a pool function (either pool): 1 if a cancel interrupted the wait
- * that runs it, so it may stop early; the step resumes with AB_EV_WORK
- * whatever fn did.  Work armed after the cancel is never interrupted: this
- * stays 0 for it. */
+ * that runs it, so it may stop early; the step resumes with AB_EV_WORK |
+ * AB_EV_CANCEL whatever fn did.  Work armed after the cancel is never
+ * interrupted: this stays 0 for it. */
 int ab_work_cancelled(const ab_op *op);
 
 /* ---- streams: an op that emits many items -------------------------------

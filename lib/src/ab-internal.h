@@ -92,6 +92,7 @@ struct ab_op {
     unsigned char work_after_cancel; /* the pool work was armed after a cancel */
     unsigned char work_blocking;     /* on the blocking pool */
     unsigned char work_skipped;      /* written by the pool thread before AB_EV_WORK */
+    unsigned char python_after_cancel; /* the Python await was armed after a cancel */
     unsigned soon_why;               /* AB_EV_* for the soon list's resume */
     ab_op *soon_next;
     struct ab__fdset *fds;

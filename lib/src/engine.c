@@ -259,13 +259,17 @@ dispatch(ab_op *op, unsigned ev)
             op->cancelled = 1;
             resume(op, AB_EV_CANCEL);
         } else {
-            resume(op, AB_EV_WORK);
+            /* Interrupted while it ran: told so beside AB_EV_WORK. */
+            resume(op, AB_EV_WORK |
+                           (op->cancelled && !op->work_after_cancel ? AB_EV_CANCEL : 0));
         }
     }
     if ((ev & AB_EV_PYTHON) && op->wait == AB__WAIT_PYTHON) {
         if (op->python_skipped)
             op->cancelled = 1; /* as for skipped work */
-        resume(op, op->python_skipped ? AB_EV_CANCEL : AB_EV_PYTHON);
+        resume(op, op->python_skipped ? AB_EV_CANCEL
+                   : AB_EV_PYTHON | (op->cancelled && !op->python_after_cancel ? AB_EV_CANCEL
+                                                                               : 0));
     }
     if ((ev & AB_EV_DEMAND) && op->wait == AB__WAIT_DEMAND)
         resume(op, AB_EV_DEMAND);
@@ -1137,6 +1141,7 @@ ab_await_python(ab_op *op, int slot)
         return AB_ESTATE;
     op->python_slot = slot;
     op->python_failed = 0;
+    op->python_after_cancel = op->cancelled;
     set_wait(op, AB__WAIT_PYTHON);
     ab__sink_send(op, AB_MSG_PYTHON);
     return 0;
