@@ -7,6 +7,7 @@ by the fixtures in conftest.py as a third-party extension is.
 """
 
 import asyncio
+import json
 import contextlib
 import errno
 import gc
@@ -347,3 +348,76 @@ async def test_woken_by_a_foreign_thread(v2ops, settled):
         await task
     await settled()
     await asyncio.sleep(0.3)  # the thread's late signal and release: harmless
+
+
+# ---- streams at fork and at exit (in subprocesses) ------------------------------------
+
+
+def _v2_env(v2ops):
+    from pathlib import Path
+
+    return {"PYTHONPATH": str(Path(v2ops.__file__).parent)}
+
+
+def test_stream_in_flight_at_fork(v2ops, run_script):
+    proc = run_script(
+        """
+        import threading, warnings
+        import abr_v2ops
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        loop = new_loop()
+        s = abr_v2ops.ints(10**9, 4)
+        assert loop.run_until_complete(s.__anext__()) == 0
+        time.sleep(0.05)  # more items wait for the loop
+        pid = os.fork()
+        if pid == 0:
+            box = []
+            def child():
+                l2 = new_loop()
+                try:
+                    for _ in range(100):  # what was delivered before the fork, then the loss
+                        box.append(l2.run_until_complete(s.__anext__()))
+                    box.append("no error")
+                except ab.ForkError:
+                    box.append("ForkError")
+                except BaseException as e:
+                    box.append(repr(e))
+                finally:
+                    l2.close()
+            t = threading.Thread(target=child); t.start(); t.join(5)
+            print(json.dumps({"child": box}), flush=True)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        got = [loop.run_until_complete(s.__anext__()) for _ in range(10)]
+        loop.run_until_complete(s.aclose())
+        loop.close()
+        print(json.dumps({"parent": got, "status": status, "in_flight": settle()["in_flight"]}))
+        """,
+        env=_v2_env(v2ops),
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    child = next(line["child"] for line in lines if "child" in line)
+    assert child[-1] == "ForkError"
+    assert child[:-1] == list(range(1, len(child)))  # items buffered before the fork
+    assert len(child) <= 5
+    parent = next(line for line in lines if "parent" in line)
+    assert parent == {"parent": list(range(1, 11)), "status": 0, "in_flight": 0}
+
+
+def test_stream_in_flight_at_exit(v2ops, run_script):
+    proc = run_script(
+        """
+        import abr_v2ops
+        loop = new_loop()
+        s = abr_v2ops.ints(10**9, 4)
+        assert loop.run_until_complete(s.__anext__()) == 0
+        print("started", flush=True)
+        # exit with the stream in flight and its loop open
+        """,
+        env=_v2_env(v2ops),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "started\n"
+    assert proc.stderr == ""
+    assert proc.wall < 10
