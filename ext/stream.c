@@ -145,7 +145,7 @@ ab_stream_items(OpPy *py, ab_state *st)
 /* The op ended (its outcome is in the op), or was lost with `error`
  * (stolen; NULL when it ended normally). */
 static void
-stream_ended(StreamObject *s, ab_state *st, PyObject *error)
+stream_ended(StreamObject *s, ab_state *st, PyObject *error, int lost)
 {
     if (s->state == ST_RUNNING)
         s->state = ST_FINISHED;
@@ -153,9 +153,14 @@ stream_ended(StreamObject *s, ab_state *st, PyObject *error)
         s->end_error = error;
     else
         Py_XDECREF(error);
-    if (st != NULL) {
+    if (st != NULL && !lost) {
         wake(st, &s->waiter);
         wake(st, &s->closer);
+    } else {
+        /* Lost: the Futures belong to a closed loop or to the parent of a
+         * fork, where nothing may be resolved. */
+        Py_CLEAR(s->waiter);
+        Py_CLEAR(s->closer);
     }
 }
 
@@ -163,7 +168,7 @@ void
 ab_stream_finished(OpPy *py, ab_state *st)
 {
     if (py->stream != NULL)
-        stream_ended(py->stream, st, NULL);
+        stream_ended(py->stream, st, NULL, 0);
 }
 
 /* ab_op_forget, for a stream op that did not finish through drain(): its
@@ -186,7 +191,7 @@ ab_stream_lost(OpPy *py, ab_state *st)
         if (err == NULL)
             PyErr_Clear();
     }
-    stream_ended(s, st, err);
+    stream_ended(s, st, err, 1);
 }
 
 /* ---- starting ------------------------------------------------------------------ */

@@ -421,3 +421,63 @@ def test_stream_in_flight_at_exit(v2ops, run_script):
     assert proc.stdout == "started\n"
     assert proc.stderr == ""
     assert proc.wall < 10
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_items_is_one_wake_up(v2ops, settled):
+    s = v2ops.ints(5000, 5000)
+    assert await s.__anext__() == 0
+    before = ab.stats()["wakeups"]
+    await asyncio.sleep(0.2)  # the consumer is busy: the other 4,999 arrive
+    got = [x async for x in s]
+    assert got == list(range(1, 5000))
+    wakeups = ab.stats()["wakeups"] - before
+    assert wakeups <= 3, wakeups  # the burst, and the end
+    await settled()
+
+
+def test_a_stream_in_a_reference_cycle_is_collected(v2ops):
+    cleanups = v2ops.counters()["cleanups"]
+    holder = []
+    s = v2ops.kinds(holder)  # the stream keeps `holder`...
+    holder.append(s)  # ...which keeps the stream
+    del s, holder
+    gc.collect()
+    assert v2ops.counters()["cleanups"] == cleanups + 1
+
+
+def test_loop_closed_under_a_pending_anext_and_aclose(v2ops, new_loop):
+    """The loop stops with tasks waiting in __anext__ and in aclose(), then
+    closes: nothing is resolved on the closed loop (no error reported), the
+    ops end, and the streams report the loss."""
+    cleanups = v2ops.counters()["cleanups"]
+    loop = new_loop()
+    reports = []
+    loop.set_exception_handler(lambda loop, context: reports.append(context))
+    a = v2ops.ints(300, 64, pause=30)  # 100 items, then a long pause
+    b = v2ops.ints(10**9, 4)
+
+    async def start():
+        for _ in range(100):
+            await a.__anext__()
+        await b.__anext__()
+        t1 = asyncio.ensure_future(a.__anext__())
+        await asyncio.sleep(0.05)
+        return t1
+
+    t1 = loop.run_until_complete(start())
+    assert not t1.done()
+    loop.close()
+    end = time.monotonic() + 3
+    while ab.stats()["in_flight"] and time.monotonic() < end:
+        time.sleep(0.01)
+    assert ab.stats()["in_flight"] == 0
+    assert v2ops.counters()["cleanups"] == cleanups + 2
+    assert reports == []
+    loop = new_loop()
+    try:
+        with pytest.raises(RuntimeError, match="closed"):
+            loop.run_until_complete(a.__anext__())
+        loop.run_until_complete(b.aclose())
+    finally:
+        loop.close()
