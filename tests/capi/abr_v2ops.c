@@ -70,8 +70,15 @@ broken_raise_error(ab_op *op, int err)
         PyErr_SetNone(PyExc_StopAsyncIteration);
         return NULL;
     case 6:
+#if PY_VERSION_HEX < 0x030C0000
         /* An "exception" that is not one. */
         PyErr_Restore(Py_NewRef((PyObject *)&PyLong_Type), PyLong_FromLong(7), NULL);
+#else
+        /* 3.12+ keeps one exception object and crashes on one that is not
+         * an exception, wherever it is fetched; the public calls refuse to
+         * set one (a SystemError of CPython's own). */
+        PyErr_SetObject((PyObject *)&PyLong_Type, Py_None);
+#endif
         return NULL;
     default: {
         /* The right way: a long message, kept whole. */
