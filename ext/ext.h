@@ -178,6 +178,9 @@ void ab_op_forget(OpPy *py);
 void ab_op_abort(OpPy *py, ab_state *st);
 void ab_op_run_python(OpPy *py, ab_state *st);
 PyObject *ab_callback_exception(const char *type_name, const char *callback);
+int ab_future_first_wait(PyObject *fut, PyObject **iter, PyObject **presult);
+PyObject *ab_bridge_new_future(BridgeObject *b, ab_state *st, PyObject *loop);
+PyObject *ab_result_of_send(PySendResult r, PyObject *value);
 PyObject *ab_checked_result(PyObject *r, const char *type_name, const char *callback);
 
 /* stream.c */

@@ -643,9 +643,10 @@ ab_op_abort(OpPy *py, ab_state *st)
 
 /* Await fut through its own iterator, as `await fut` does: the first step
  * marks it blocking and yields it (*presult, new reference); resuming the
- * iterator later returns its result or raises, with no method calls. */
-static int
-first_wait(OpPy *py, PyObject *fut, PyObject **presult)
+ * iterator (*iter, new reference) later returns its result or raises, with
+ * no method calls.  0, or -1 with an exception set. */
+int
+ab_future_first_wait(PyObject *fut, PyObject **iter, PyObject **presult)
 {
     PyAsyncMethods *am = Py_TYPE(fut)->tp_as_async;
     if (am == NULL || am->am_await == NULL) {
@@ -664,8 +665,23 @@ first_wait(OpPy *py, PyObject *fut, PyObject **presult)
             PyErr_SetString(PyExc_RuntimeError, "create_future() returned a finished Future");
         return -1;
     }
-    py->iter = it;
+    *iter = it;
     return 0;
+}
+
+static int
+first_wait(OpPy *py, PyObject *fut, PyObject **presult)
+{
+    return ab_future_first_wait(fut, &py->iter, presult);
+}
+
+/* New reference: a Future of b's loop (running now); NULL with an
+ * exception set. */
+PyObject *
+ab_bridge_new_future(BridgeObject *b, ab_state *st, PyObject *loop)
+{
+    return b->direct_futures ? PyObject_Vectorcall(st->future_type, &loop, 0, st->kw_loop)
+                             : PyObject_CallMethodNoArgs(loop, st->str_create_future);
 }
 
 /* The interpreter is exiting and this is not the thread that runs the
@@ -710,8 +726,7 @@ op_start(OpObject *self, ab_state *st, PyObject **presult)
     BridgeObject *b = ab_bridge_for_running_loop(st, &loop);
     if (b == NULL)
         return PYGEN_ERROR;
-    fut = b->direct_futures ? PyObject_Vectorcall(st->future_type, &loop, 0, st->kw_loop)
-                            : PyObject_CallMethodNoArgs(loop, st->str_create_future);
+    fut = ab_bridge_new_future(b, st, loop);
     Py_DECREF(loop);
     if (fut == NULL)
         return PYGEN_ERROR;
@@ -828,8 +843,10 @@ op_am_send(OpObject *self, PyObject *arg, PyObject **presult)
     return r;
 }
 
-static PyObject *
-result_of_send(PySendResult r, PyObject *value)
+/* What send() returns for a PySendResult (steals value): the value
+ * yielded, or NULL with StopIteration(value) or the exception set. */
+PyObject *
+ab_result_of_send(PySendResult r, PyObject *value)
 {
     if (r == PYGEN_NEXT)
         return value;
@@ -853,7 +870,7 @@ op_send(OpObject *self, PyObject *arg)
 {
     PyObject *value;
     PySendResult r = op_am_send(self, arg, &value);
-    return result_of_send(r, value);
+    return ab_result_of_send(r, value);
 }
 
 static PyObject *
@@ -865,7 +882,7 @@ op_iternext(OpObject *self)
         Py_DECREF(value);
         return NULL; /* StopIteration without an object */
     }
-    return result_of_send(r, value);
+    return ab_result_of_send(r, value);
 }
 
 /* New reference: the exception throw(typ, val, tb) raises, or NULL with

@@ -246,27 +246,10 @@ new_waiter(StreamObject *s, ab_state *st, PyObject **iter, PyObject **first)
         Py_DECREF(loop);
         return NULL;
     }
-    PyObject *fut = b->direct_futures ? PyObject_Vectorcall(st->future_type, &loop, 0, st->kw_loop)
-                                      : PyObject_CallMethodNoArgs(loop, st->str_create_future);
+    PyObject *fut = ab_bridge_new_future(b, st, loop);
     Py_DECREF(loop);
-    if (fut == NULL)
-        return NULL;
-    PyAsyncMethods *am = Py_TYPE(fut)->tp_as_async;
-    *iter = am != NULL && am->am_await != NULL ? am->am_await(fut) : NULL;
-    if (*iter == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "create_future() returned a non-awaitable");
-        Py_DECREF(fut);
-        return NULL;
-    }
-    if (PyIter_Send(*iter, Py_None, first) != PYGEN_NEXT) {
-        Py_CLEAR(*first);
-        Py_CLEAR(*iter);
-        Py_DECREF(fut);
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_RuntimeError, "create_future() returned a finished Future");
-        return NULL;
-    }
+    if (fut != NULL && ab_future_first_wait(fut, iter, first) < 0)
+        Py_CLEAR(fut);
     return fut;
 }
 
@@ -417,18 +400,7 @@ next_send_meth(StreamNextObject *n, PyObject *arg)
 {
     PyObject *value;
     PySendResult r = next_send(n, arg, &value);
-    if (r == PYGEN_NEXT)
-        return value;
-    if (r == PYGEN_RETURN) {
-        /* StopIteration(value), with a tuple value wrapped as one argument */
-        PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, value);
-        Py_DECREF(value);
-        if (exc != NULL) {
-            PyErr_SetObject(PyExc_StopIteration, exc);
-            Py_DECREF(exc);
-        }
-    }
-    return NULL;
+    return ab_result_of_send(r, value);
 }
 
 static PyObject *
