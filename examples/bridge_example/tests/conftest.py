@@ -5,10 +5,14 @@ loop-factory hook) and under both of asyncio_bridge's delivery paths, with a
 debug-mode loop whose exception handler fails the test on anything it
 reports.  After every test no native op is in flight and fetch holds no
 socket open (for async tests checked while their loop still runs, since a
-cancelled op's outcome travels back to its loop before it is freed).
+cancelled op's outcome travels back to its loop before it is freed).  Tests
+that ask for `no_leaks` also find every op freed, every reference handed to
+a foreign thread returned, and no fd left open.
 """
 
 import asyncio
+import gc
+import os
 import time
 
 import pytest
@@ -99,3 +103,67 @@ def settled():
         return stats
 
     return settle
+
+
+# ---- ops completed by foreign threads, streams: nothing held after a test ------
+
+# Counters of bridge_example.counters() that are 0 when nothing is held: ops
+# not yet freed, references held for glibc's callbacks, the SDK's queue.
+HELD = ("resolve_live", "resolve_unreleased", "sdk_live", "sdk_queued", "sdk_busy", "lines_live")
+
+
+def held():
+    counters = bridge_example.counters()
+    return {name: counters[name] for name in HELD if counters[name]}
+
+
+def open_fds():
+    """{fd: its kind ("socket", "pipe", "anon_inode:[eventfd]", a path)}.
+    Without the inode: uvloop makes a new self-pipe socketpair, on the same
+    fds, for each run of the loop (a fixture's, the test's).  The fd that
+    listdir itself used is gone by now."""
+    gc.collect()  # sockets and iterators left as garbage close now, not later
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        fds[fd] = target.split(":[")[0] if target.startswith(("socket:", "pipe:")) else target
+    return fds
+
+
+@pytest_asyncio.fixture
+async def no_leaks(loop_errors):
+    """After the test, once its ops settled (a foreign thread may still hold
+    a cancelled op for a while): no op in flight, none unfreed, no reference
+    held for a callback, the SDK idle, and no new fd."""
+    fds = open_fds()
+    yield
+    end = time.monotonic() + SETTLE_SECONDS
+    while True:
+        in_flight = asyncio_bridge.stats()["in_flight"]
+        still_held = held()
+        new_fds = open_fds().items() - fds.items()
+        if not (in_flight or still_held or new_fds) or time.monotonic() > end:
+            break
+        await asyncio.sleep(0.01)
+    assert in_flight == 0, f"native ops in flight after the test: {in_flight}"
+    assert not still_held, f"held after the test: {still_held}"
+    assert not new_fds, f"fds left open: {new_fds}"
+
+
+@pytest.fixture
+def guard_v2(request):
+    """Autouse it in a test module: `no_leaks` for async tests, the same
+    counters (without a loop) for sync ones."""
+    if pytest_asyncio.is_async_test(request.node):
+        request.getfixturevalue("no_leaks")
+        yield
+        return
+    yield
+    end = time.monotonic() + SETTLE_SECONDS
+    while held() and time.monotonic() < end:
+        gc.collect()
+        time.sleep(0.01)
+    assert not held(), f"held after the test: {held()}"
