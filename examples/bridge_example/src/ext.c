@@ -685,7 +685,7 @@ py_resolve(PyObject *module, PyObject *args, PyObject *kwargs)
 
 enum { SDK_QUEUED = 1, SDK_RUNNING, SDK_DONE };
 
-#define SDK_MAX_DELAY 3600.0
+#define SDK_MAX_DELAY 3600 /* seconds */
 
 struct sdk_state {
     double delay;
@@ -935,7 +935,8 @@ py_sdk_call(PyObject *module, PyObject *args, PyObject *kwargs)
     if (seconds < -1.5)
         return NULL;
     if (seconds > SDK_MAX_DELAY)
-        return PyErr_Format(PyExc_ValueError, "delay must be at most %g s", SDK_MAX_DELAY);
+        /* PyErr_Format knows no %g (3.12+ raise SystemError for it). */
+        return PyErr_Format(PyExc_ValueError, "delay must be at most %d s", SDK_MAX_DELAY);
     ab_op *op = ab_op_new(&sdk_type);
     if (op == NULL)
         return PyErr_NoMemory();
