@@ -24,8 +24,10 @@ typedef struct OpObject OpObject;
  * them.  Otherwise the Op object shows them to the GC. */
 typedef struct OpPy {
     ab_op *op;              /* NULL until used, and once released */
-    OpObject *obj;          /* borrowed; NULL once the Op object is gone */
-    struct StreamObject *stream; /* borrowed: the Stream of a stream op, while it lives */
+    /* Borrowed: the Op object, or the Stream object of a stream op
+     * (is_stream); NULL once it is gone.  One field for both keeps the
+     * owner area, allocated with every op, at 104 bytes. */
+    PyObject *face;
     BridgeObject *bridge;   /* while in flight (strong) */
     PyObject *future;
     PyObject *iter;         /* the Future's own iterator, awaited */
@@ -37,6 +39,7 @@ typedef struct OpPy {
     int nkept;
     unsigned short nviews;  /* at most USHRT_MAX pinned buffers per op */
     unsigned char exit_op;  /* started while the interpreter exits */
+    unsigned char is_stream; /* face is a Stream */
     struct OpPy *prev, *next; /* the bridge's list of ops in flight */
 } OpPy;
 
@@ -183,6 +186,20 @@ PyObject *ab_bridge_new_future(BridgeObject *b, ab_state *st, PyObject *loop);
 PyObject *ab_result_of_send(PySendResult r, PyObject *value);
 PyObject *ab_checked_result(PyObject *r, const char *type_name, const char *callback);
 
+/* Borrowed: the op's Op object, or NULL (none, gone, or a stream). */
+static inline OpObject *
+ab_py_op(OpPy *py)
+{
+    return py->is_stream ? NULL : (OpObject *)py->face;
+}
+
+/* Borrowed: the op's Stream object, or NULL. */
+static inline struct StreamObject *
+ab_py_stream(OpPy *py)
+{
+    return py->is_stream ? (struct StreamObject *)py->face : NULL;
+}
+
 /* stream.c */
 extern PyType_Spec ab_stream_spec, ab_stream_next_spec;
 /* drain(), for an op with AB_MSG_ITEMS: hand its items to its stream, or
@@ -193,6 +210,8 @@ void ab_stream_finished(OpPy *py, ab_state *st);
 /* ab_op_forget, for a stream op: wake its waiters; if it did not finish
  * through drain(), it was lost (loop closed, fork). */
 void ab_stream_lost(OpPy *py, ab_state *st);
+/* The OpPy of a Stream object. */
+OpPy *ab_stream_py(PyObject *stream);
 /* op.c, for streams: the exception of a failed op (new reference). */
 PyObject *ab_op_error_exception(OpPy *py, ab_state *st);
 /* Drop the Python side's objects (not in flight); and let go of it once

@@ -117,7 +117,7 @@ wrap(ab_op *op, int settled)
         ab_op_release(op);
         return NULL;
     }
-    if (py->obj != NULL || py->stream != NULL) {
+    if (py->face != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "abpy_wrap: op is already wrapped");
         ab_op_release(op);
         return NULL;
@@ -143,7 +143,8 @@ wrap(ab_op *op, int settled)
         Py_DECREF(origin);
     self->frame = NULL;
     self->weakreflist = NULL;
-    py->obj = self;
+    py->face = (PyObject *)self;
+    py->is_stream = 0;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
@@ -198,7 +199,7 @@ py_free(OpPy *py)
 static void
 py_maybe_free(OpPy *py)
 {
-    if (py->obj == NULL && py->stream == NULL && py->bridge == NULL)
+    if (py->face == NULL && py->bridge == NULL)
         py_free(py);
 }
 
@@ -406,7 +407,7 @@ settle_future(OpPy *py, ab_state *st)
     int err = ab_op_error(py->op);
     /* Cancelled, or nobody can await it any more (the Op is gone, closed,
      * or thrown into): an outcome set now would only be "never retrieved". */
-    if (err == -ECANCELED || py->obj == NULL || py->obj->phase == OP_DONE) {
+    if (err == -ECANCELED || ab_py_op(py) == NULL || ab_py_op(py)->phase == OP_DONE) {
         int done = future_done(st, fut);
         if (done != 0)
             return done < 0 ? -1 : 0;
@@ -445,7 +446,7 @@ int
 ab_op_resolve(OpPy *py, ab_state *st)
 {
     int rc = py->future != NULL ? settle_future(py, st) : 0;
-    if (py->stream != NULL)
+    if (py->is_stream)
         ab_stream_finished(py, st);
     ab_op_forget(py);
     return rc;
@@ -461,7 +462,7 @@ ab_op_forget(OpPy *py)
         return;
     ab_bridge_untrack(b, py);
     py->bridge = NULL;
-    if (py->stream != NULL)
+    if (py->is_stream)
         ab_stream_lost(py, ab_global_state);
     if (py->exit_op && ab_global_state != NULL) {
         py->exit_op = 0;
@@ -493,13 +494,13 @@ python_skipped(OpPy *py, ab_state *st)
     ab_python_skipped(py->op);
 }
 
-/* Done callback of the inner task; self is the Op object, which the
- * callback keeps alive until then. */
+/* Done callback of the inner task; self is the Op (or Stream) object,
+ * which the callback keeps alive until then. */
 static PyObject *
 python_done_cb(PyObject *self, PyObject *task)
 {
-    OpPy *py = ((OpObject *)self)->py;
     ab_state *st = PyType_GetModuleState(Py_TYPE(self));
+    OpPy *py = Py_TYPE(self) == st->stream_type ? ab_stream_py(self) : ((OpObject *)self)->py;
     PyObject *outcome;
     int failed = 1;
     Py_CLEAR(py->task);
@@ -578,7 +579,7 @@ ab_op_run_python(OpPy *py, ab_state *st)
     PyObject *callable = abpy_kept(py->op, ab_op_python_slot(py->op)), *task, *cb;
     /* Armed after a cancel, it runs as any wait does (a teardown may need
      * it), as long as its loop runs and the Op it reports to lives. */
-    if (py->obj == NULL || py->bridge == NULL || py->bridge->native == NULL ||
+    if (py->face == NULL || py->bridge == NULL || py->bridge->native == NULL ||
         atomic_load(&py->bridge->native->dead)) {
         python_skipped(py, st);
         return;
@@ -590,7 +591,7 @@ ab_op_run_python(OpPy *py, ab_state *st)
     task = start_python(py, st, callable);
     if (task == NULL)
         goto fail;
-    cb = PyCFunction_New(&python_done_def, (PyObject *)py->obj);
+    cb = PyCFunction_New(&python_done_def, py->face);
     if (cb == NULL || call_method_void(task, st->str_add_done_callback, cb) < 0) {
         PyObject *exc = ab_err_take();
         PyObject *r = PyObject_CallMethodNoArgs(task, st->str_cancel);
@@ -632,8 +633,8 @@ stop_native(OpObject *self, ab_state *st)
 void
 ab_op_abort(OpPy *py, ab_state *st)
 {
-    if (py->obj != NULL)
-        py->obj->phase = OP_DONE;
+    if (ab_py_op(py) != NULL)
+        ab_py_op(py)->phase = OP_DONE;
     ab_cancel(py->op);
     if (py->task != NULL) {
         Py_CLEAR(py->task);
@@ -1199,7 +1200,7 @@ op_dealloc(OpObject *self)
     stop_native(self, ab_global_state);
     Py_CLEAR(self->origin);
     Py_CLEAR(self->frame);
-    self->py->obj = NULL;
+    self->py->face = NULL;
     py_maybe_free(self->py);
     ab_op_release(self->op);
     PyObject_GC_Del(self);

@@ -119,7 +119,7 @@ wake(ab_state *st, PyObject **futp)
 void
 ab_stream_items(OpPy *py, ab_state *st)
 {
-    StreamObject *s = py->stream;
+    StreamObject *s = ab_py_stream(py);
     ab_item *items = ab_op_take_items(py->op);
     if (items == NULL)
         return;
@@ -167,8 +167,8 @@ stream_ended(StreamObject *s, ab_state *st, PyObject *error, int lost)
 void
 ab_stream_finished(OpPy *py, ab_state *st)
 {
-    if (py->stream != NULL)
-        stream_ended(py->stream, st, NULL, 0);
+    if (ab_py_stream(py) != NULL)
+        stream_ended(ab_py_stream(py), st, NULL, 0);
 }
 
 /* ab_op_forget, for a stream op that did not finish through drain(): its
@@ -176,7 +176,7 @@ ab_stream_finished(OpPy *py, ab_state *st)
 void
 ab_stream_lost(OpPy *py, ab_state *st)
 {
-    StreamObject *s = py->stream;
+    StreamObject *s = ab_py_stream(py);
     if (s == NULL)
         return;
     PyObject *err = NULL;
@@ -519,6 +519,12 @@ new_next(StreamObject *s, next_kind kind)
 
 /* ---- Stream ------------------------------------------------------------------- */
 
+OpPy *
+ab_stream_py(PyObject *stream)
+{
+    return ((StreamObject *)stream)->py;
+}
+
 PyObject *
 abpy_wrap_stream(ab_op *op, Py_ssize_t max_buffered)
 {
@@ -535,7 +541,7 @@ abpy_wrap_stream(ab_op *op, Py_ssize_t max_buffered)
         ab_op_release(op);
         return NULL;
     }
-    if (py->obj != NULL || py->stream != NULL) {
+    if (py->face != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "abpy_wrap_stream: op is already wrapped");
         ab_op_release(op);
         return NULL;
@@ -545,9 +551,14 @@ abpy_wrap_stream(ab_op *op, Py_ssize_t max_buffered)
         ab_op_release(op);
         return NULL;
     }
+    if (ab_op_set_stream(op, (int)max_buffered) < 0) {
+        PyObject_GC_Del(s);
+        ab_op_release(op);
+        return PyErr_NoMemory();
+    }
     py->op = op;
-    py->stream = s;
-    ab_op_set_stream(op, (int)max_buffered);
+    py->face = (PyObject *)s;
+    py->is_stream = 1;
     s->op = op; /* the caller's reference */
     s->py = py;
     s->max_buffered = (int)max_buffered;
@@ -642,7 +653,7 @@ stream_dealloc(StreamObject *s)
     Py_CLEAR(s->waiter);
     Py_CLEAR(s->closer);
     Py_CLEAR(s->end_error);
-    s->py->stream = NULL;
+    s->py->face = NULL;
     ab_op_py_release(s->py);
     ab_op_release(s->op);
     PyObject_GC_Del(s);

@@ -430,7 +430,10 @@ async def test_a_burst_of_items_is_one_wake_up(v2ops, settled):
     s = v2ops.ints(5000, 5000)
     assert await s.__anext__() == 0
     before = ab.stats()["wakeups"]
-    await asyncio.sleep(0.2)  # the consumer is busy: the other 4,999 arrive
+    # The consumer is busy (the loop thread itself, so that no delivery can
+    # run meanwhile, however slowly the producer runs): the other 4,999
+    # items arrive.
+    time.sleep(0.3)
     got = [x async for x in s]
     assert got == list(range(1, 5000))
     wakeups = ab.stats()["wakeups"] - before
@@ -483,3 +486,20 @@ def test_loop_closed_under_a_pending_anext_and_aclose(v2ops, new_loop):
         loop.run_until_complete(b.aclose())
     finally:
         loop.close()
+
+
+@pytest.mark.asyncio
+async def test_a_stream_awaits_python(v2ops, settled):
+    ran = []
+
+    async def fn():
+        await asyncio.sleep(0.01)
+        ran.append(1)
+
+    async def bad():
+        raise ValueError("no")
+
+    assert [x async for x in v2ops.ints_python(fn)] == [1, 0, 3]
+    assert ran == [1]
+    assert [x async for x in v2ops.ints_python(bad)] == [1, 1, 3]
+    await settled()

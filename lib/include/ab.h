@@ -364,8 +364,8 @@ unsigned ab_sink_msgs(ab_op *op);
 /* ---- streams: the owner's side ---------------------------------------------- */
 
 /* Make `op` a stream whose consumer buffers at most max_buffered (>= 1)
- * items; before ab_submit. */
-void ab_op_set_stream(ab_op *op, int max_buffered);
+ * items; before ab_submit.  0, or -ENOMEM. */
+int ab_op_set_stream(ab_op *op, int max_buffered);
 typedef struct ab_item ab_item;
 /* Owner thread: the items emitted since the last call, oldest first (walk
  * them with ab_item_next), or NULL. */

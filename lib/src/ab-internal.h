@@ -70,40 +70,61 @@ struct ab_item {
 /* Sent by ab_cancel before AB_EV_CANCEL reaches the engine. */
 #define AB__CANCEL_ASKED 1
 
+/* What only some ops need, allocated on first use: an fd set, a stream. */
+struct ab__extra {
+    struct ab__fdset fds;
+    /* Streams (ab_op_set_stream): items emitted and not yet consumed, and
+     * whether the producer waits for demand (both: engine and owner). */
+    int stream_max;
+    int stream_local; /* owner: consumed, not yet subtracted from stream_out */
+    atomic_int stream_out;
+    atomic_int demand_waiting;
+    ab_item *items; /* lock-free stack: the engine pushes, the owner takes */
+};
+
+/* 128 bytes on 64-bit Linux, the state follows: each op costs its memory
+ * while in flight, so what only some ops use lives in `extra`. */
 struct ab_op {
     const ab_op_type *type;
     atomic_uint refs;
     atomic_uint pending;      /* AB_EV_* bits posted to the engine | AB__QUEUED */
     atomic_int cancel_asked;  /* set by the owner; read by pool threads */
-    unsigned generation;      /* ab_fork_generation() at submit */
+    unsigned generation;      /* ab_fork_generation() at submit (atomic builtins) */
 
-    /* Engine thread only. */
+    /* Engine thread only, unless said otherwise. */
     unsigned event;           /* why the current step runs */
     int pc;
-    /* enum ab__wait, and the fd and events of an fd wait: also read by
-     * owners (ab_op_waiting) with relaxed atomic loads, so written with
-     * relaxed atomic stores (set_wait). */
+    /* enum ab__wait, and the events of an fd wait: also read by owners
+     * (ab_op_waiting) with relaxed atomic loads, so written with relaxed
+     * atomic stores (set_wait). */
     unsigned char wait;
     unsigned char wait_events;
-    unsigned char started, finished, cancelled, cleaned, submitted;
+    unsigned char started, finished, cancelled, cleaned;
+    unsigned char submitted;         /* owner */
     unsigned char signal_kept;       /* a signal came while not waiting for one */
     unsigned char timer_armed;       /* a signal or fd-set wait's timeout */
     unsigned char soon_queued;       /* on the engine's soon list */
     unsigned char work_after_cancel; /* the pool work was armed after a cancel */
     unsigned char work_blocking;     /* on the blocking pool */
-    unsigned char work_skipped;      /* written by the pool thread before AB_EV_WORK */
+    unsigned char work_skipped;      /* pool thread, before AB_EV_WORK */
     unsigned char python_after_cancel; /* the Python await was armed after a cancel */
-    unsigned soon_why;               /* AB_EV_* for the soon list's resume */
-    ab_op *soon_next;
-    struct ab__fdset *fds;
-    /* AB_MSG_* bits for the owner; the op is on its sink while nonzero. */
-    atomic_uint sink_msgs;
-    int wait_fd;
+    /* Owner, before AB_EV_PYTHON; read by the step after. */
+    unsigned char python_failed;
+    unsigned char python_skipped;    /* ... and the awaitable never ran */
+    unsigned short soon_why;         /* AB_EV_* for the soon list's resume */
+    /* AB_MSG_* bits for the owner (atomic builtins); the op is on its sink
+     * while nonzero. */
+    unsigned char sink_msgs;
+    unsigned char kind;              /* ab_result_kind of the outcome */
+    int error;                       /* the outcome: 0 or the error */
     /* What the current wait needs; one wait at a time. */
     union {
-        struct event *ev;     /* AB__WAIT_EVENT: an fd wait, allocated for it */
         struct {
-            uint64_t deadline; /* AB__WAIT_TIMER: CLOCK_MONOTONIC ns */
+            struct event *ev; /* AB__WAIT_EVENT: an fd wait, allocated for it */
+            int wait_fd;      /* its fd, also read by owners (relaxed) */
+        };
+        struct {
+            uint64_t deadline; /* the timer heap: CLOCK_MONOTONIC ns */
             unsigned heap_idx;
         };
         ab_work_fn work;      /* AB__WAIT_WORK */
@@ -111,9 +132,6 @@ struct ab_op {
          * AB_MSG_PYTHON (the sink orders it for the owner). */
         int python_slot;
     };
-    /* Written by the owner before AB_EV_PYTHON; read by the step after. */
-    int python_failed;
-    int python_skipped; /* ... and the awaitable never ran (ab_python_skipped) */
 
     /* Links: the inbox has its own, since an op can sit on the inbox (a
      * cancel) while it is queued elsewhere; an op waits on the pool or on
@@ -127,8 +145,6 @@ struct ab_op {
 
     /* Outcome, written by the step, read by the owner after
      * AB_MSG_FINISHED. */
-    int error;
-    ab_result_kind kind;
     char *error_message;
     union {
         int64_t i;
@@ -140,13 +156,7 @@ struct ab_op {
         } buf;
     } result;
 
-    /* Streams (ab_op_set_stream): items emitted and not yet consumed, and
-     * whether the producer waits for demand (both: engine and owner). */
-    int stream_max;
-    int stream_local; /* owner: consumed, not yet subtracted from stream_out */
-    atomic_int stream_out;
-    atomic_int demand_waiting;
-    ab_item *items; /* lock-free stack: the engine pushes, the owner takes */
+    struct ab__extra *extra; /* NULL until an fd set or a stream needs it */
 
     _Alignas(max_align_t) unsigned char state[];
 };
@@ -160,6 +170,8 @@ int ab__on_engine_thread(void);
 void ab__op_finish_cleanup(ab_op *op);
 /* stream.c: drop a stream's items nobody took (the op is freed). */
 void ab__items_free(ab_op *op);
+/* op.c: the op's extra part, allocated on first use (NULL: out of memory). */
+struct ab__extra *ab__extra(ab_op *op);
 /* engine.c: queue AB_MSG_* bits for the owner (engine thread). */
 void ab__sink_send(ab_op *op, unsigned msg);
 /* engine.c: resume a suspended op with `why` after the current callbacks

@@ -43,9 +43,11 @@ static struct engine {
     atomic_int wake_fd; /* set once per process (and again in a fork child) */
     struct event wake_ev;
     ab_op *inbox; /* lock-free stack */
-    /* Ops to resume after the callbacks of this loop turn (ab__soon):
-     * engine thread only, run by soon_ev. */
-    ab_op *soon;
+    /* Ops to resume after the callbacks of this loop turn (ab__soon), each
+     * with a reference: engine thread only, run by soon_ev.  An array
+     * rather than a link in every op: few ops ever need it. */
+    ab_op **soon;
+    int nsoon, soon_cap;
     struct event soon_ev;
     atomic_int awake; /* the engine looks at the inbox: posters need not wake it */
     atomic_int stop_asked;
@@ -146,7 +148,7 @@ ab_op_collect(ab_op *op)
 void
 ab__sink_send(ab_op *op, unsigned msg)
 {
-    if (atomic_fetch_or(&op->sink_msgs, msg) != 0)
+    if (__atomic_fetch_or(&op->sink_msgs, (unsigned char)msg, __ATOMIC_SEQ_CST) != 0)
         return;
     ab_sink *sink = op->sink;
     ab_op *old = __atomic_load_n(&sink->head, __ATOMIC_RELAXED);
@@ -191,7 +193,7 @@ resume(ab_op *op, unsigned why)
         op->timer_armed = 0;
     }
     if (op->wait == AB__WAIT_DEMAND)
-        atomic_store(&op->demand_waiting, 0);
+        atomic_store(&op->extra->demand_waiting, 0); /* a stream: extra exists */
     set_wait(op, AB__WAIT_NONE);
     if (op->type->step(op) == AB_DONE) {
         finish(op);
@@ -280,15 +282,25 @@ dispatch(ab_op *op, unsigned ev)
 void
 ab__soon(ab_op *op, unsigned why)
 {
-    op->soon_why |= why;
+    op->soon_why |= (unsigned short)why;
     if (op->soon_queued)
         return;
+    if (E.nsoon == E.soon_cap) {
+        int cap = E.soon_cap ? E.soon_cap * 2 : 64;
+        ab_op **v = realloc(E.soon, sizeof(*v) * (size_t)cap);
+        if (v == NULL) { /* resume now rather than never */
+            op->soon_why = 0;
+            resume(op, why);
+            return;
+        }
+        E.soon = v;
+        E.soon_cap = cap;
+    }
     op->soon_queued = 1;
     /* The list's reference: a cancel may finish the op, and its owner free
      * it, before soon_ev runs. */
     atomic_fetch_add_explicit(&op->refs, 1, memory_order_relaxed);
-    op->soon_next = E.soon;
-    E.soon = op;
+    E.soon[E.nsoon++] = op;
     event_active(&E.soon_ev, EV_READ, 1);
 }
 
@@ -298,11 +310,10 @@ on_soon(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     (void)arg;
-    ab_op *list = E.soon;
-    E.soon = NULL;
-    while (list != NULL) {
-        ab_op *op = list;
-        list = op->soon_next;
+    /* Resumes may add entries: those run at the next activation. */
+    int n = E.nsoon;
+    for (int i = 0; i < n; i++) {
+        ab_op *op = E.soon[i];
         op->soon_queued = 0;
         unsigned why = op->soon_why;
         op->soon_why = 0;
@@ -310,6 +321,10 @@ on_soon(evutil_socket_t fd, short what, void *arg)
             resume(op, why);
         ab_op_release(op);
     }
+    memmove(E.soon, E.soon + n, sizeof(*E.soon) * (size_t)(E.nsoon - n));
+    E.nsoon -= n;
+    if (E.nsoon > 0)
+        event_active(&E.soon_ev, EV_READ, 1);
 }
 
 /* ---- the inbox ------------------------------------------------------------ */
@@ -554,6 +569,9 @@ free_base_locked(void)
         return;
     event_del(&E.wake_ev);
     event_del(&E.soon_ev);
+    free(E.soon);
+    E.soon = NULL;
+    E.nsoon = E.soon_cap = 0;
     ab__timers_stop();
     event_base_free(E.base);
     E.base = NULL;
@@ -673,7 +691,8 @@ ab_engine_abandon(void)
     if (!E.running) {
         /* Leaked with the ops whose waits it holds: nothing may run them. */
         E.base = NULL;
-        E.soon = NULL;
+        E.soon = NULL; /* leaked with the base */
+        E.nsoon = E.soon_cap = 0;
         ab__timers_forget();
         __atomic_store_n(&E.inbox, NULL, __ATOMIC_RELEASE);
         atomic_store(&S.in_flight, 0);
@@ -730,6 +749,7 @@ atfork_child(void)
     atomic_store(&E.accepting, 0);
     E.base = NULL;
     E.soon = NULL;
+    E.nsoon = E.soon_cap = 0;
     ab__timers_forget();
     E.wake_fd = -1; /* the inherited copy stays open: a stale post may hit it */
     __atomic_store_n(&E.inbox, NULL, __ATOMIC_RELEASE);
@@ -772,7 +792,7 @@ ab_cancel(ab_op *op)
 void
 ab_python_done(ab_op *op, int failed)
 {
-    op->python_failed = failed;
+    op->python_failed = failed != 0;
     op->python_skipped = 0;
     ab__engine_post(op, AB_EV_PYTHON);
 }
@@ -1023,7 +1043,7 @@ ab_fds_watch(ab_op *op, int fd, unsigned events)
         return -EBADF;
     if (events & ~(unsigned)(AB_EV_READ | AB_EV_WRITE))
         return -EINVAL;
-    struct ab__fdset *set = op->fds;
+    struct ab__fdset *set = op->extra != NULL ? &op->extra->fds : NULL;
     int i = fds_find(set, fd);
     if (events == 0) {
         if (i < 0)
@@ -1051,9 +1071,9 @@ ab_fds_watch(ab_op *op, int fd, unsigned events)
     if (fcntl(fd, F_GETFD) < 0)
         return -errno;
     if (set == NULL) {
-        if ((set = calloc(1, sizeof(*set))) == NULL)
+        if (ab__extra(op) == NULL)
             return -ENOMEM;
-        op->fds = set;
+        set = &op->extra->fds;
     }
     if (set->n == set->cap) {
         int cap = set->cap ? set->cap * 2 : 8;
@@ -1076,7 +1096,7 @@ ab_fds_watch(ab_op *op, int fd, unsigned events)
 int
 ab_await_fds(ab_op *op, double timeout)
 {
-    struct ab__fdset *set = op->fds;
+    struct ab__fdset *set = op->extra != NULL ? &op->extra->fds : NULL;
     if (isnan(timeout))
         return -EINVAL;
     for (int i = 0; set != NULL && i < set->n; i++) {
@@ -1104,7 +1124,7 @@ ab_await_fds(ab_op *op, double timeout)
 int
 ab_fds_next(ab_op *op, int *fd, unsigned *events)
 {
-    struct ab__fdset *set = op->fds;
+    struct ab__fdset *set = op->extra != NULL ? &op->extra->fds : NULL;
     while (set != NULL && set->cursor < set->n) {
         struct ab__fd *e = set->v[set->cursor++];
         if (e->ready) {
@@ -1121,17 +1141,16 @@ ab_fds_next(ab_op *op, int *fd, unsigned *events)
 static void
 fds_free(ab_op *op)
 {
-    struct ab__fdset *set = op->fds;
-    if (set == NULL)
+    if (op->extra == NULL)
         return;
+    struct ab__fdset *set = &op->extra->fds;
     for (int i = 0; i < set->n; i++) {
         if (set->v[i]->added)
             event_del(&set->v[i]->ev);
         free(set->v[i]);
     }
     free(set->v);
-    free(set);
-    op->fds = NULL;
+    memset(set, 0, sizeof(*set));
 }
 
 int

@@ -100,6 +100,7 @@ ab_op_release(ab_op *op)
         op->type->dispose(op);
     free_result(op);
     ab__items_free(op);
+    free(op->extra);
     free(op->error_message);
     free(op);
 }
@@ -111,7 +112,7 @@ unsigned ab_op_event(const ab_op *op) { return op->event; }
 int ab_op_cancelled(const ab_op *op) { return op->cancelled; }
 int ab_op_error(const ab_op *op) { return op->error; }
 const char *ab_op_error_message(const ab_op *op) { return op->error_message; }
-ab_result_kind ab_op_result_kind(const ab_op *op) { return op->kind; }
+ab_result_kind ab_op_result_kind(const ab_op *op) { return (ab_result_kind)op->kind; }
 int64_t ab_op_result_int(const ab_op *op) { return op->result.i; }
 double ab_op_result_float(const ab_op *op) { return op->result.d; }
 int ab_op_python_failed(const ab_op *op) { return op->python_failed; }
@@ -138,7 +139,7 @@ set_kind(ab_op *op, ab_result_kind kind)
 {
     free_result(op);
     op->error = 0;
-    op->kind = kind;
+    op->kind = (unsigned char)kind;
     return AB_DONE;
 }
 
@@ -252,5 +253,13 @@ ab_sink_next(ab_op *op)
 unsigned
 ab_sink_msgs(ab_op *op)
 {
-    return atomic_exchange(&op->sink_msgs, 0);
+    return __atomic_exchange_n(&op->sink_msgs, 0, __ATOMIC_SEQ_CST);
+}
+
+struct ab__extra *
+ab__extra(ab_op *op)
+{
+    if (op->extra == NULL)
+        op->extra = calloc(1, sizeof(*op->extra));
+    return op->extra;
 }

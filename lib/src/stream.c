@@ -18,19 +18,28 @@
 static int
 half(const ab_op *op)
 {
-    return op->stream_max / 2;
+    return op->extra->stream_max / 2;
 }
 
-void
+static int
+is_stream(const ab_op *op)
+{
+    return op->extra != NULL && op->extra->stream_max > 0;
+}
+
+int
 ab_op_set_stream(ab_op *op, int max_buffered)
 {
-    op->stream_max = max_buffered > 0 ? max_buffered : 1;
+    if (ab__extra(op) == NULL)
+        return -ENOMEM;
+    op->extra->stream_max = max_buffered > 0 ? max_buffered : 1;
+    return 0;
 }
 
 static int
 push(ab_op *op, ab_item *item)
 {
-    if (op->stream_max <= 0) {
+    if (!is_stream(op)) {
         ab_item_free(item);
         return AB_ESTATE;
     }
@@ -38,12 +47,13 @@ push(ab_op *op, ab_item *item)
         ab_item_free(item);
         return -ECANCELED;
     }
-    ab_item *head = __atomic_load_n(&op->items, __ATOMIC_RELAXED);
+    struct ab__extra *x = op->extra;
+    ab_item *head = __atomic_load_n(&x->items, __ATOMIC_RELAXED);
     do {
         item->next = head;
-    } while (!__atomic_compare_exchange_n(&op->items, &head, item, 1, __ATOMIC_RELEASE,
+    } while (!__atomic_compare_exchange_n(&x->items, &head, item, 1, __ATOMIC_RELEASE,
                                           __ATOMIC_RELAXED));
-    atomic_fetch_add_explicit(&op->stream_out, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&x->stream_out, 1, memory_order_relaxed);
     ab__sink_send(op, AB_MSG_ITEMS);
     return 0;
 }
@@ -141,27 +151,31 @@ ab_yield_custom(ab_op *op, struct _object *(*to_python)(void *data), void *data,
 int
 ab_stream_room(const ab_op *op)
 {
-    return op->stream_max - atomic_load_explicit(&((ab_op *)op)->stream_out, memory_order_relaxed);
+    if (!is_stream(op))
+        return 0;
+    struct ab__extra *x = op->extra;
+    return x->stream_max - atomic_load_explicit(&x->stream_out, memory_order_relaxed);
 }
 
 int
 ab_await_demand(ab_op *op)
 {
-    if (op->stream_max <= 0)
+    if (!is_stream(op))
         return AB_ESTATE;
+    struct ab__extra *x = op->extra;
     ab__set_wait(op, AB__WAIT_DEMAND);
     if (op->cancelled) { /* closed: no demand will ever come */
         ab__soon(op, AB_EV_CANCEL);
         return 0;
     }
-    if (atomic_load(&op->stream_out) <= half(op)) {
+    if (atomic_load(&x->stream_out) <= half(op)) {
         ab__soon(op, AB_EV_DEMAND);
         return 0;
     }
     /* Dekker with ab_stream_consumed: either it sees the flag, or this
      * sees what it subtracted. */
-    atomic_store(&op->demand_waiting, 1);
-    if (atomic_load(&op->stream_out) <= half(op) && atomic_exchange(&op->demand_waiting, 0))
+    atomic_store(&x->demand_waiting, 1);
+    if (atomic_load(&x->stream_out) <= half(op) && atomic_exchange(&x->demand_waiting, 0))
         ab__soon(op, AB_EV_DEMAND);
     /* else: demand comes through the inbox (the owner cleared the flag). */
     return 0;
@@ -172,7 +186,9 @@ ab_await_demand(ab_op *op)
 ab_item *
 ab_op_take_items(ab_op *op)
 {
-    ab_item *lifo = __atomic_exchange_n(&op->items, NULL, __ATOMIC_ACQUIRE), *fifo = NULL;
+    if (op->extra == NULL)
+        return NULL;
+    ab_item *lifo = __atomic_exchange_n(&op->extra->items, NULL, __ATOMIC_ACQUIRE), *fifo = NULL;
     while (lifo != NULL) {
         ab_item *next = lifo->next;
         lifo->next = fifo;
@@ -215,7 +231,9 @@ ab_item_free(ab_item *item)
 void
 ab__items_free(ab_op *op)
 {
-    ab_item *item = __atomic_exchange_n(&op->items, NULL, __ATOMIC_ACQUIRE);
+    if (op->extra == NULL)
+        return;
+    ab_item *item = __atomic_exchange_n(&op->extra->items, NULL, __ATOMIC_ACQUIRE);
     while (item != NULL) {
         ab_item *next = item->next;
         ab_item_free(item);
@@ -226,15 +244,18 @@ ab__items_free(ab_op *op)
 void
 ab_stream_consumed(ab_op *op, int n)
 {
-    int t = half(op) > 0 ? half(op) : 1;
-    op->stream_local += n;
-    if (op->stream_local < t &&
-        !atomic_load_explicit(&op->demand_waiting, memory_order_relaxed))
+    if (!is_stream(op))
         return;
-    int out = atomic_fetch_sub(&op->stream_out, op->stream_local) - op->stream_local;
-    op->stream_local = 0;
-    if (out <= half(op) && atomic_load(&op->demand_waiting) &&
-        atomic_exchange(&op->demand_waiting, 0) &&
+    struct ab__extra *x = op->extra;
+    int t = half(op) > 0 ? half(op) : 1;
+    x->stream_local += n;
+    if (x->stream_local < t &&
+        !atomic_load_explicit(&x->demand_waiting, memory_order_relaxed))
+        return;
+    int out = atomic_fetch_sub(&x->stream_out, x->stream_local) - x->stream_local;
+    x->stream_local = 0;
+    if (out <= half(op) && atomic_load(&x->demand_waiting) &&
+        atomic_exchange(&x->demand_waiting, 0) &&
         __atomic_load_n(&op->generation, __ATOMIC_RELAXED) == ab_fork_generation())
         ab__engine_post(op, AB_EV_DEMAND);
 }

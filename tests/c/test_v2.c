@@ -601,7 +601,7 @@ stream_new(int n, int max)
 {
     ab_op *op = th_op_new(&stream_type);
     ((struct stream_state *)ab_op_state(op))->n = n;
-    ab_op_set_stream(op, max);
+    CHECK_OK(ab_op_set_stream(op, max));
     return op;
 }
 

@@ -304,6 +304,42 @@ py_kinds(PyObject *module, PyObject *obj)
     return abpy_wrap_stream(op, 64);
 }
 
+/* A stream that awaits Python between items: 1, then whether fn() raised
+ * (0 or 1), then 3. */
+static int
+ints_python_step(ab_op *op)
+{
+    AB_BEGIN(op);
+    if (ab_yield_int(op, 1) < 0)
+        return ab_fail(op, -ECANCELED);
+    AB_AWAIT(op, ab_await_python(op, 0));
+    if (ab_yield_int(op, ab_op_python_failed(op)) < 0 || ab_yield_int(op, 3) < 0)
+        return ab_fail(op, -ECANCELED);
+    return ab_return_none(op);
+    AB_END(op);
+}
+
+static const ab_op_type ints_python_type = {
+    .name = "ints_python",
+    .flags = AB_TYPE_AWAITS_PYTHON,
+    .step = ints_python_step,
+    .cleanup = count_cleanup,
+};
+
+static PyObject *
+py_ints_python(PyObject *module, PyObject *fn)
+{
+    (void)module;
+    ab_op *op = ab_op_new(&ints_python_type);
+    if (op == NULL)
+        return PyErr_NoMemory();
+    if (abpy_keep(op, fn) < 0) {
+        ab_op_release(op);
+        return NULL;
+    }
+    return abpy_wrap_stream(op, 8);
+}
+
 /* ---- woken by a thread of its own ------------------------------------------------------ */
 
 struct later_state {
@@ -383,6 +419,7 @@ static PyMethodDef methods[] = {
     {"blocking_after_cancel", py_blocking_after_cancel, METH_NOARGS, NULL},
     {"ints", (PyCFunction)(void (*)(void))py_ints, METH_VARARGS | METH_KEYWORDS, NULL},
     {"kinds", py_kinds, METH_O, NULL},
+    {"ints_python", py_ints_python, METH_O, NULL},
     {"signal_later", py_signal_later, METH_VARARGS, NULL},
     {"counters", py_counters, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
