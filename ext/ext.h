@@ -244,6 +244,9 @@ PyObject *abpy_exception_for(ab_state *st, int err, const char *message);
 /* ops.c */
 extern PyMethodDef ab_ops_methods[];
 
+/* resolve.c */
+extern PyMethodDef ab_resolve_methods[];
+
 /* capi.c */
 PyObject *ab_capi_capsule(int v1);
 

@@ -323,6 +323,8 @@ module_exec(PyObject *module)
         Py_XDECREF(capsule);
         return -1;
     }
+    if (PyModule_AddFunctions(module, ab_resolve_methods) < 0)
+        return -1;
     if (PyModule_AddFunctions(module, ab_ops_methods) < 0)
         return -1;
     ab_op_install_release_hook();

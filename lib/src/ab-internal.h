@@ -111,6 +111,7 @@ struct ab_op {
     /* Owner, before AB_EV_PYTHON; read by the step after. */
     unsigned char python_failed;
     unsigned char python_skipped;    /* ... and the awaitable never ran */
+    unsigned char engine_owned;      /* ab__engine_own: no sink, counted in flight */
     unsigned short soon_why;         /* AB_EV_* for the soon list's resume */
     /* AB_MSG_* bits for the owner (atomic builtins); the op is on its sink
      * while nonzero. */
@@ -172,6 +173,13 @@ void ab__op_finish_cleanup(ab_op *op);
 void ab__items_free(ab_op *op);
 /* op.c: the op's extra part, allocated on first use (NULL: out of memory). */
 struct ab__extra *ab__extra(ab_op *op);
+/* engine.c: start an op of the engine's own (no sink): it counts as in
+ * flight until it finishes, then frees itself.  Any thread. */
+void ab__engine_own(ab_op *op);
+/* dns.c: the engine's base is freed (engine stopped, nothing in flight),
+ * or abandoned (a fork child, an owner gone). */
+void ab__dns_free(void);
+void ab__dns_forget(void);
 /* engine.c: queue AB_MSG_* bits for the owner (engine thread). */
 void ab__sink_send(ab_op *op, unsigned msg);
 /* engine.c: resume a suspended op with `why` after the current callbacks

@@ -177,10 +177,13 @@ finish(ab_op *op)
         atomic_fetch_add_explicit(&S.completed, 1, memory_order_relaxed);
     fds_free(op); /* first: cleanup may close its fds */
     ab__op_finish_cleanup(op);
-    if (op->sink != NULL)
+    if (op->sink != NULL) {
         ab__sink_send(op, AB_MSG_FINISHED);
-    else
+    } else {
+        if (op->engine_owned)
+            atomic_fetch_sub(&S.in_flight, 1);
         ab_op_release(op); /* engine-owned: nobody waits for it */
+    }
 }
 
 static void
@@ -568,6 +571,7 @@ free_base_locked(void)
     if (E.base == NULL)
         return;
     event_del(&E.wake_ev);
+    ab__dns_free(); /* its evdns bases live on E.base */
     event_del(&E.soon_ev);
     free(E.soon);
     E.soon = NULL;
@@ -694,6 +698,7 @@ ab_engine_abandon(void)
         E.soon = NULL; /* leaked with the base */
         E.nsoon = E.soon_cap = 0;
         ab__timers_forget();
+        ab__dns_forget();
         __atomic_store_n(&E.inbox, NULL, __ATOMIC_RELEASE);
         atomic_store(&S.in_flight, 0);
         ab__pool_forget();
@@ -751,6 +756,7 @@ atfork_child(void)
     E.soon = NULL;
     E.nsoon = E.soon_cap = 0;
     ab__timers_forget();
+    ab__dns_forget();
     E.wake_fd = -1; /* the inherited copy stays open: a stale post may hit it */
     __atomic_store_n(&E.inbox, NULL, __ATOMIC_RELEASE);
     pthread_mutex_init(&E.start_mu, NULL);
@@ -777,6 +783,15 @@ ab_submit(ab_op *op, ab_sink *sink)
     atomic_fetch_add_explicit(&S.submitted, 1, memory_order_relaxed);
     ab__engine_post(op, AB_EV_START);
     return 0;
+}
+
+void
+ab__engine_own(ab_op *op)
+{
+    op->engine_owned = 1;
+    op->generation = ab_fork_generation();
+    atomic_fetch_add(&S.in_flight, 1);
+    ab__engine_post(op, AB_EV_START);
 }
 
 void
