@@ -404,7 +404,7 @@ def _gaierror(code: int) -> socket.gaierror:
     return socket.gaierror(code, _ext._gai_strerror(code))
 
 
-def getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0,
+def getaddrinfo(host: Any, port: Any, *, family: int = 0, type: int = 0, proto: int = 0,
                 flags: int = 0) -> Any:
     """Resolve host and port as loop.getaddrinfo does, without its executor."""
     try:
@@ -423,6 +423,9 @@ def getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int
 def _resolve(host: Any, port: Any, family: int, type: int, proto: int, flags: int) -> Any:
     # The name as the system gets it: str through the idna codec, bytes as given.
     raw = host.encode("idna") if isinstance(host, str) else bytes(host)
+    raw = raw.split(b"\0", 1)[0]  # where C's getaddrinfo stops reading
+    if not raw:
+        return _ext._settled_error(_gaierror(socket.EAI_NONAME))
     try:
         name: str | None = raw.decode("ascii")
     except UnicodeDecodeError:
