@@ -34,6 +34,7 @@ prefix), then the server's order.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from typing import Any, Callable
@@ -257,8 +258,9 @@ def _reset_after_fork() -> None:
 _templates: dict[tuple[int, object, int, int, int], list[tuple[Any, Any, int, str, tuple]]] = {}
 
 
-def _expand(af: int, addr: str, port: object, type: int, proto: int, flags: int) -> list[tuple]:
-    """The entries socket.getaddrinfo gives for one address."""
+def _template(af: int, port: object, type: int, proto: int, flags: int) -> list[tuple]:
+    """socket.getaddrinfo's entries for a numeric address of family af (its
+    errors for a bad port, type or proto as well), kept."""
     key = (af, port, type, proto, flags)
     tmpl = _templates.get(key)
     if tmpl is None:
@@ -267,6 +269,12 @@ def _expand(af: int, addr: str, port: object, type: int, proto: int, flags: int)
         if len(_templates) > 256:
             _templates.clear()
         _templates[key] = tmpl
+    return tmpl
+
+
+def _expand(af: int, addr: str, port: object, type: int, proto: int, flags: int) -> list[tuple]:
+    """The entries socket.getaddrinfo gives for one address."""
+    tmpl = _template(af, port, type, proto, flags)
     if af == socket.AF_INET:
         return [(f, k, p, c, (addr, sa[1])) for f, k, p, c, sa in tmpl]
     return [(f, k, p, c, (addr, sa[1], 0, 0)) for f, k, p, c, sa in tmpl]
@@ -404,9 +412,35 @@ def _gaierror(code: int) -> socket.gaierror:
     return socket.gaierror(code, _ext._gai_strerror(code))
 
 
+# What glibc may read as a numeric address (inet_aton's forms such as
+# "127.1" or "0x7f.1", IPv6 with a scope): only such hosts need its
+# AI_NUMERICHOST call to tell.
+_maybe_numeric = re.compile(r"[0-9a-fA-FxX.]*\Z|.*:").match
+_INT = int
+
+
 def getaddrinfo(host: Any, port: Any, *, family: int = 0, type: int = 0, proto: int = 0,
                 flags: int = 0) -> Any:
     """Resolve host and port as loop.getaddrinfo does, without its executor."""
+    if (
+        host.__class__ is str
+        and not _maybe_numeric(host)
+        and (port is None or port.__class__ is _INT
+             or (port.__class__ is str and port.isascii() and port.isdigit()))
+        and family in (0, socket.AF_INET, socket.AF_INET6)
+        and isinstance(type, _INT) and isinstance(proto, _INT) and isinstance(flags, _INT)
+        and not flags & socket.AI_NUMERICHOST
+    ):
+        # A name: what the system's numeric call would check (port, type,
+        # proto), its expansion template checks (cached), as glibc checks
+        # the service before it looks a name up.
+        try:
+            _template(socket.AF_INET6 if family == socket.AF_INET6 else socket.AF_INET,
+                      port, type, proto, flags & socket.AI_NUMERICSERV)
+            raw = host.encode("idna")
+        except Exception as exc:
+            return _ext._settled_error(exc)
+        return _resolve(raw, port, family, type, proto, flags)
     try:
         numeric = socket.getaddrinfo(host, port, family, type, proto,
                                      flags | socket.AI_NUMERICHOST)
@@ -417,13 +451,14 @@ def getaddrinfo(host: Any, port: Any, *, family: int = 0, type: int = 0, proto: 
         return _ext._settled_error(exc)
     else:
         return _ext._settled(numeric)
-    return _resolve(host, port, family, type, proto, flags)
-
-
-def _resolve(host: Any, port: Any, family: int, type: int, proto: int, flags: int) -> Any:
     # The name as the system gets it: str through the idna codec, bytes as given.
-    raw = host.encode("idna") if isinstance(host, str) else bytes(host)
-    raw = raw.split(b"\0", 1)[0]  # where C's getaddrinfo stops reading
+    return _resolve(host.encode("idna") if isinstance(host, str) else bytes(host),
+                    port, family, type, proto, flags)
+
+
+def _resolve(raw: bytes, port: Any, family: int, type: int, proto: int, flags: int) -> Any:
+    if b"\0" in raw:
+        raw = raw.split(b"\0", 1)[0]  # where C's getaddrinfo stops reading
     if not raw:
         return _ext._settled_error(_gaierror(socket.EAI_NONAME))
     try:

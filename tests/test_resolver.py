@@ -90,6 +90,8 @@ NUMERIC = [
     (None, 80, 0, 0, 0, socket.AI_PASSIVE),
     ("127.0.0.1", 80, 0, 0, socket.IPPROTO_TCP),
     ("0.0.0.0", 70000),
+    ("127.1", 80),  # inet_aton's forms are numeric to the system too
+    ("0x7f.0.0.1", 80),
 ]
 
 
@@ -123,6 +125,13 @@ BAD = [
     ("127.0.0.1", 80, socket.AF_INET6),
     ("www.example.test", 80, 0, 0, 0, socket.AI_NUMERICHOST),
     ("", 80),
+    # names: what the system checks before it looks one up
+    ("www.example.test", -1),
+    ("www.example.test", b"\xff"),
+    ("www.example.test", 80, 0, 12345),
+    ("www.example.test", 80, 0, socket.SOCK_STREAM, socket.IPPROTO_UDP),
+    ("www.example.test", 80, 0, 0, "x"),
+    ("deadbeef", 80, 0, 12345),
 ]
 
 

@@ -33,11 +33,21 @@
 
 #define CHECK_EVERY_NS 1000000000ull
 #define NBUCKETS 1024
+/* evdns sends at most max-inflight queries per base (64 by default) and
+ * queues the rest, and each base reads every answer from one UDP socket
+ * per nameserver, whose receive buffer (rmem_max, 208 KiB here) holds a
+ * few hundred answers: a burst of 1,000 lookups came back in 16 waves of
+ * one round trip, or lost answers to a full buffer and waited out the
+ * timeout.  So queries are spread over BASES bases, each with its own
+ * sockets (and source ports), at most INFLIGHT each. */
+#define BASES 8
+#define INFLIGHT "256"
 
 /* One evdns configuration.  A new one is made when resolv.conf changes;
  * the old one answers the queries it started, then goes. */
 struct ctx {
-    struct evdns_base *base;
+    struct evdns_base *base[BASES];
+    unsigned rr; /* round robin over the bases */
     int queries; /* queries that still wait for this base's answers */
     int retired;
     struct ctx *next; /* retired list */
@@ -293,27 +303,36 @@ ctx_new(const char *path)
     struct ctx *c = calloc(1, sizeof(*c));
     if (c == NULL)
         return NULL;
-    c->base = evdns_base_new(ab__engine_base(), 0);
-    if (c->base == NULL) {
-        free(c);
-        return NULL;
+    for (int i = 0; i < BASES; i++) {
+        struct evdns_base *b = evdns_base_new(ab__engine_base(), 0);
+        if (b == NULL) {
+            while (i-- > 0)
+                evdns_base_free(c->base[i], 0);
+            free(c);
+            return NULL;
+        }
+        /* As the system's stub resolver: glibc's defaults (5 s, 2
+         * attempts) unless resolv.conf says otherwise, and names sent as
+         * given (evdns would randomise their case, which some servers do
+         * not echo). */
+        evdns_base_set_option(b, "randomize-case:", "0");
+        evdns_base_set_option(b, "timeout:", "5");
+        evdns_base_set_option(b, "attempts:", "2");
+        evdns_base_set_option(b, "max-inflight:", INFLIGHT);
+        evdns_base_set_option(b, "so-rcvbuf:", "4194304"); /* the kernel caps it */
+        evdns_base_resolv_conf_parse(b,
+                                     DNS_OPTION_SEARCH | DNS_OPTION_NAMESERVERS | DNS_OPTION_MISC,
+                                     path != NULL ? path : "/etc/resolv.conf");
+        c->base[i] = b;
     }
-    /* As the system's stub resolver: glibc's defaults (5 s, 2 attempts)
-     * unless resolv.conf says otherwise, and names sent as given (evdns
-     * would randomise their case, which some servers do not echo). */
-    evdns_base_set_option(c->base, "randomize-case:", "0");
-    evdns_base_set_option(c->base, "timeout:", "5");
-    evdns_base_set_option(c->base, "attempts:", "2");
-    evdns_base_resolv_conf_parse(c->base,
-                                 DNS_OPTION_SEARCH | DNS_OPTION_NAMESERVERS | DNS_OPTION_MISC,
-                                 path != NULL ? path : "/etc/resolv.conf");
     return c;
 }
 
 static void
 ctx_free(struct ctx *c)
 {
-    evdns_base_free(c->base, 0);
+    for (int i = 0; i < BASES; i++)
+        evdns_base_free(c->base[i], 0);
     free(c);
 }
 
@@ -519,14 +538,15 @@ evdns_start(struct ab__dns_query *q)
     /* evdns answers later, never inside these calls; NULL means it could
      * not even make the request (a name it cannot encode). */
     int started = 0;
+    struct evdns_base *base = c->base[c->rr++ % BASES];
     if (q->family != AF_INET6) {
-        if (evdns_base_resolve_ipv4(c->base, name, flags, on_dns, &q->sub4) != NULL)
+        if (evdns_base_resolve_ipv4(base, name, flags, on_dns, &q->sub4) != NULL)
             started++;
         else
             q->err4 = DNS_ERR_FORMAT, q->pending--;
     }
     if (q->family != AF_INET) {
-        if (evdns_base_resolve_ipv6(c->base, name, flags, on_dns, &q->sub6) != NULL)
+        if (evdns_base_resolve_ipv6(base, name, flags, on_dns, &q->sub6) != NULL)
             started++;
         else
             q->err6 = DNS_ERR_FORMAT, q->pending--;
