@@ -44,7 +44,11 @@ from . import _ext
 _EVDNS = 0
 _SYSTEM = 1
 # Flags evdns answers exactly; others go to the system.
-_EVDNS_FLAGS = socket.AI_PASSIVE | socket.AI_NUMERICSERV | socket.AI_ADDRCONFIG
+# Plain ints: flags arrive as socket.AddressInfo, whose & runs in Python.
+_AI_NUMERICHOST = int(socket.AI_NUMERICHOST)
+_AI_NUMERICSERV = int(socket.AI_NUMERICSERV)
+_AI_ADDRCONFIG = int(socket.AI_ADDRCONFIG)
+_EVDNS_FLAGS = int(socket.AI_PASSIVE) | _AI_NUMERICSERV | _AI_ADDRCONFIG
 _CHECK_EVERY = 1.0
 
 _MODES = ("auto", "system", "evdns")
@@ -376,7 +380,7 @@ def _order(addrs: list[tuple[int, str]]) -> list[tuple[int, str]]:
 def _shape(addrs: list[tuple[int, str]], port: object, type: int, proto: int,
            flags: int) -> list[tuple]:
     out: list[tuple] = []
-    tflags = flags & socket.AI_NUMERICSERV
+    tflags = flags & _AI_NUMERICSERV
     for af, addr in _order(addrs):
         out.extend(_expand(af, addr, port, type, proto, tflags))
     return out
@@ -429,14 +433,14 @@ def getaddrinfo(host: Any, port: Any, *, family: int = 0, type: int = 0, proto: 
              or (port.__class__ is str and port.isascii() and port.isdigit()))
         and family in (0, socket.AF_INET, socket.AF_INET6)
         and isinstance(type, _INT) and isinstance(proto, _INT) and isinstance(flags, _INT)
-        and not flags & socket.AI_NUMERICHOST
+        and not (flags := _INT(flags)) & _AI_NUMERICHOST
     ):
         # A name: what the system's numeric call would check (port, type,
         # proto), its expansion template checks (cached), as glibc checks
         # the service before it looks a name up.
         try:
             _template(socket.AF_INET6 if family == socket.AF_INET6 else socket.AF_INET,
-                      port, type, proto, flags & socket.AI_NUMERICSERV)
+                      port, type, proto, flags & _AI_NUMERICSERV)
             raw = host.encode("idna")
         except Exception as exc:
             return _ext._settled_error(exc)
@@ -479,7 +483,7 @@ def _resolve(raw: bytes, port: Any, family: int, type: int, proto: int, flags: i
     )
     if not native or name is None:
         return _system(raw, port, family, type, proto, flags)
-    if flags & socket.AI_ADDRCONFIG:
+    if flags & _AI_ADDRCONFIG:
         v4, v6 = _addrconfig()
         if family == 0 and (v4 or v6):
             if v4 != v6:

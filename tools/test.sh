@@ -56,6 +56,7 @@ fi
 echo "== Benchmark smoke run (figures printed, nothing asserted; the full run is bench/run.py without --quick)"
 python bench/run.py --quick --out "$(mktemp -d)"
 python bench/capi_v2.py --quick
+python bench/resolve.py --quick
 
 echo "== Sanitizers: ASan+UBSan, TSan and valgrind on the C tests; the Python suite under ASan+UBSan"
 bash tools/sanitizers.sh
