@@ -1,7 +1,7 @@
 /* capi.c: the function table that other extensions import.
  *
- * One table, under two capsules: "_C_API_v2" (ASYNCIO_BRIDGE_CAPSULE) says
- * the current version; "_C_API", which modules built against the
+ * One table, under two capsules: "_C_API_v2" (ASYNCIO_BRIDGE_CAPSULE, named
+ * when version 2 came) says the current version; "_C_API", which modules built against the
  * version-1 header import, says version 1, the only value their check
  * accepts.  The table only grows, so a version-1 module finds its calls
  * where it expects them. */
@@ -66,7 +66,16 @@
     .yield_custom = ab_yield_custom,                                          \
     .stream_room = ab_stream_room,                                            \
     .await_demand = ab_await_demand,                                          \
-    .py_wrap_stream = abpy_wrap_stream,
+    .py_wrap_stream = abpy_wrap_stream,                                       \
+    .await_dns = ab_await_dns,                                                \
+    .dns_result = ab_dns_result,                                              \
+    .dns_wait_done = ab_dns_wait_done,                                        \
+    .dns_answer_release = ab_dns_answer_release,                              \
+    .dns_answer_error = ab_dns_answer_error,                                  \
+    .dns_answer_count = ab_dns_answer_count,                                  \
+    .dns_answer_addr = ab_dns_answer_addr,                                    \
+    .dns_answer_ttl = ab_dns_answer_ttl,                                      \
+    .dns_answer_addrinfo = ab_dns_answer_addrinfo,
 
 
 static const AsyncioBridge_CAPI capi = CAPI_TABLE(ASYNCIO_BRIDGE_CAPI_VERSION);

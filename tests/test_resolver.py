@@ -569,3 +569,38 @@ def test_fork_child_gets_a_fresh_resolver(dns, run_script, tmp_path):
     assert "parent 10.1.2.3" in proc.stdout
     assert "child 10.0.0.7 0" in proc.stdout
     assert "parent again 10.9.9.9" in proc.stdout
+
+
+# ---- the C API (version 3): ab_await_dns from a third-party op ----------------------------
+
+
+@pytest.mark.asyncio
+async def test_c_api_lookups(v3ops, files, dns, settled):
+    assert await v3ops.lookup("www.example.test") == [
+        (socket.AF_INET, "10.1.2.3"), (socket.AF_INET, "10.1.2.4"), (socket.AF_INET6, "fd00::1")]
+    assert await v3ops.lookup("www.example.test", family=socket.AF_INET6) == [
+        (socket.AF_INET6, "fd00::1")]
+    with pytest.raises(OSError) as info:
+        await v3ops.lookup("nx.example.test")
+    assert info.value.errno == socket.EAI_NONAME
+    # The system's getaddrinfo, on the blocking pool.
+    assert (socket.AF_INET, "127.0.0.1") in await v3ops.lookup("localhost", system=True)
+    # One query for many waiters, shared with asyncio_bridge.getaddrinfo's own.
+    dns.reset()
+    got = await asyncio.gather(*[v3ops.lookup("slow.example.test") for _ in range(20)],
+                               ab.getaddrinfo("slow.example.test", 80))
+    assert all(g == [(socket.AF_INET, "10.0.0.7")] for g in got[:-1])
+    assert addrs(got[-1]) == ["10.0.0.7"] * 3
+    assert dns.counts()[("slow.example.test", "A")] == 1
+    task = asyncio.ensure_future(v3ops.lookup("slower.example.test"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stats = await settled()
+    assert stats["lookups_evdns"] == 0
+
+
+def test_module_built_for_version_2_runs_with_version_3(v2ops):
+    # abr_v2ops.c is built against the released version-2 headers.
+    assert asyncio.run(v2ops.signal_later(0.01, 7)) == 7

@@ -28,12 +28,13 @@ extern "C" {
 #endif
 
 /* Version 2 added waking from any thread, fd sets, the blocking pool and
- * streams.  Its table is version 1's with calls appended, and later
- * versions only append: a module built for version N runs with any
- * asyncio_bridge that provides N or later.  Modules built against the
- * version-1 header import "asyncio_bridge._ext._C_API", which keeps saying
- * version 1 for them. */
-#define ASYNCIO_BRIDGE_CAPI_VERSION 2
+ * streams; version 3, name lookups (ab_await_dns).  Each table is the
+ * last one's with calls appended: a module built for version N runs with
+ * any asyncio_bridge that provides N or later.  The capsule keeps the name
+ * it got in version 2, whose modules accept any later version; modules
+ * built against the version-1 header import "asyncio_bridge._ext._C_API",
+ * which keeps saying version 1 for them. */
+#define ASYNCIO_BRIDGE_CAPI_VERSION 3
 #define ASYNCIO_BRIDGE_CAPSULE "asyncio_bridge._ext._C_API_v2"
 
 /* ---- Python side (GIL held) ------------------------------------------------ */
@@ -143,6 +144,17 @@ typedef struct AsyncioBridge_CAPI {
     int (*stream_room)(const ab_op *op);
     int (*await_demand)(ab_op *op);
     PyObject *(*py_wrap_stream)(ab_op *op, Py_ssize_t max_buffered);
+    /* Version 3. */
+    int (*await_dns)(ab_op *op, ab_dns_wait *w, int kind, const char *host, const char *serv,
+                     int family, int socktype, int protocol, int flags);
+    const ab_dns_answer *(*dns_result)(const ab_dns_wait *w);
+    void (*dns_wait_done)(ab_dns_wait *w);
+    void (*dns_answer_release)(ab_dns_answer *a);
+    int (*dns_answer_error)(const ab_dns_answer *a, int *sys_errno);
+    int (*dns_answer_count)(const ab_dns_answer *a, int family);
+    const unsigned char *(*dns_answer_addr)(const ab_dns_answer *a, int family, int i);
+    uint32_t (*dns_answer_ttl)(const ab_dns_answer *a);
+    const struct addrinfo *(*dns_answer_addrinfo)(const ab_dns_answer *a);
 } AsyncioBridge_CAPI;
 
 #ifndef ASYNCIO_BRIDGE_INTERNAL
@@ -244,6 +256,15 @@ AsyncioBridge_Import(void)
 #define ab_stream_room (*AsyncioBridge_API->stream_room)
 #define ab_await_demand (*AsyncioBridge_API->await_demand)
 #define abpy_wrap_stream (*AsyncioBridge_API->py_wrap_stream)
+#define ab_await_dns (*AsyncioBridge_API->await_dns)
+#define ab_dns_result (*AsyncioBridge_API->dns_result)
+#define ab_dns_wait_done (*AsyncioBridge_API->dns_wait_done)
+#define ab_dns_answer_release (*AsyncioBridge_API->dns_answer_release)
+#define ab_dns_answer_error (*AsyncioBridge_API->dns_answer_error)
+#define ab_dns_answer_count (*AsyncioBridge_API->dns_answer_count)
+#define ab_dns_answer_addr (*AsyncioBridge_API->dns_answer_addr)
+#define ab_dns_answer_ttl (*AsyncioBridge_API->dns_answer_ttl)
+#define ab_dns_answer_addrinfo (*AsyncioBridge_API->dns_answer_addrinfo)
 #endif /* ASYNCIO_BRIDGE_INTERNAL */
 
 #ifdef __cplusplus

@@ -316,6 +316,53 @@ int ab_await_demand(ab_op *op);
     }                                                                         \
     return ab_fail((op), AB_ESTATE)
 
+/* ---- name lookups (version 3) ------------------------------------------------
+ * An op awaits a lookup with ab_await_dns; lookups of one key in flight
+ * share one query, which each waiter may leave alone (a cancel).  Two
+ * resolvers: AB_DNS_EVDNS, libevent's DNS client on the engine thread
+ * (host names only: A and/or AAAA for family AF_UNSPEC, AF_INET or
+ * AF_INET6, no hosts file, configured from the resolv.conf that
+ * asyncio_bridge.configure(resolv_conf=) names), and AB_DNS_SYSTEM, the
+ * system's getaddrinfo on the blocking pool.  Which one a name needs (the
+ * hosts file, nsswitch) is asyncio_bridge.getaddrinfo's policy: an op that
+ * wants that whole policy awaits that Python op with ab_await_python. */
+enum { AB_DNS_EVDNS = 0, AB_DNS_SYSTEM = 1 };
+
+/* An answer: immutable, shared by the waiters of a query, reference
+ * counted.  Any thread. */
+typedef struct ab_dns_answer ab_dns_answer;
+
+/* In the op's state; zeroed.  The resolver's bookkeeping. */
+typedef struct ab_dns_wait {
+    struct ab__dns_query *query; /* while waiting */
+    struct ab_dns_wait *next, *prev;
+    ab_op *op;
+    ab_dns_answer *answer; /* owned: release it (ab_dns_answer_release) */
+} ab_dns_wait;
+
+/* Engine thread, in a step: join or start the lookup and wait for it.
+ * The step resumes with AB_EV_SIGNAL once answered (ab_dns_result), or
+ * with AB_EV_CANCEL.  The step (or cleanup) then calls ab_dns_wait_done
+ * once.  evdns ignores serv, socktype, protocol and flags.  0, or -EINVAL
+ * (a name evdns cannot ask for, a family it does not know), -ENOMEM. */
+int ab_await_dns(ab_op *op, ab_dns_wait *w, int kind, const char *host, const char *serv,
+                 int family, int socktype, int protocol, int flags);
+/* The answer (borrowed from w), or NULL if none came. */
+const ab_dns_answer *ab_dns_result(const ab_dns_wait *w);
+/* Engine thread: stop waiting (a query nobody waits for runs on and its
+ * answer is dropped).  Harmless once answered. */
+void ab_dns_wait_done(ab_dns_wait *w);
+void ab_dns_answer_release(ab_dns_answer *a);
+/* 0 or an EAI_* code (with errno for EAI_SYSTEM in *sys_errno). */
+int ab_dns_answer_error(const ab_dns_answer *a, int *sys_errno);
+/* evdns answers: addresses of a family (AF_INET: 4 bytes, AF_INET6: 16),
+ * in the server's order; their smallest TTL. */
+int ab_dns_answer_count(const ab_dns_answer *a, int family);
+const unsigned char *ab_dns_answer_addr(const ab_dns_answer *a, int family, int i);
+uint32_t ab_dns_answer_ttl(const ab_dns_answer *a);
+/* System answers: getaddrinfo's list (owned by the answer). */
+struct addrinfo;
+const struct addrinfo *ab_dns_answer_addrinfo(const ab_dns_answer *a);
 /* ========================================================================
  * The owner's side: what asyncio_bridge's extension (and the C tests) use
  * to run ops.  Not part of the C API that other extensions import through
@@ -475,50 +522,8 @@ typedef struct ab_waiting {
 
 void ab_op_waiting(const ab_op *op, ab_waiting *out);
 
-/* ---- name lookups (dns.c) ----------------------------------------------------
- * An op awaits a lookup with ab_await_dns; lookups of one key in flight
- * share one query, which each waiter may leave alone (a cancel).  Two
- * resolvers: AB_DNS_EVDNS, libevent's DNS client on the engine thread
- * (host names only: A and/or AAAA for family AF_UNSPEC, AF_INET or
- * AF_INET6, no hosts file, configured from a resolv.conf), and
- * AB_DNS_SYSTEM, the system's getaddrinfo on the blocking pool. */
-enum { AB_DNS_EVDNS = 0, AB_DNS_SYSTEM = 1 };
+/* ---- name lookups: the owner's side ----------------------------------------- */
 
-/* An answer: immutable, shared by the waiters of a query, reference
- * counted.  Any thread. */
-typedef struct ab_dns_answer ab_dns_answer;
-
-/* In the op's state; zeroed.  The resolver's bookkeeping. */
-typedef struct ab_dns_wait {
-    struct ab__dns_query *query; /* while waiting */
-    struct ab_dns_wait *next, *prev;
-    ab_op *op;
-    ab_dns_answer *answer; /* owned: release it (ab_dns_answer_release) */
-} ab_dns_wait;
-
-/* Engine thread, in a step: join or start the lookup and wait for it.
- * The step resumes with AB_EV_SIGNAL once answered (ab_dns_result), or
- * with AB_EV_CANCEL.  The step (or cleanup) then calls ab_dns_wait_done
- * once.  evdns ignores serv, socktype, protocol and flags.  0, or -EINVAL
- * (a name evdns cannot ask for, a family it does not know), -ENOMEM. */
-int ab_await_dns(ab_op *op, ab_dns_wait *w, int kind, const char *host, const char *serv,
-                 int family, int socktype, int protocol, int flags);
-/* The answer (borrowed from w), or NULL if none came. */
-const ab_dns_answer *ab_dns_result(const ab_dns_wait *w);
-/* Engine thread: stop waiting (a query nobody waits for runs on and its
- * answer is dropped).  Harmless once answered. */
-void ab_dns_wait_done(ab_dns_wait *w);
-void ab_dns_answer_release(ab_dns_answer *a);
-/* 0 or an EAI_* code (with errno for EAI_SYSTEM in *sys_errno). */
-int ab_dns_answer_error(const ab_dns_answer *a, int *sys_errno);
-/* evdns answers: addresses of a family (AF_INET: 4 bytes, AF_INET6: 16),
- * in the server's order; their smallest TTL. */
-int ab_dns_answer_count(const ab_dns_answer *a, int family);
-const unsigned char *ab_dns_answer_addr(const ab_dns_answer *a, int family, int i);
-uint32_t ab_dns_answer_ttl(const ab_dns_answer *a);
-/* System answers: getaddrinfo's list (owned by the answer). */
-struct addrinfo;
-const struct addrinfo *ab_dns_answer_addrinfo(const ab_dns_answer *a);
 /* The resolv.conf evdns reads (NULL: /etc/resolv.conf); taken at the next
  * lookup.  Any thread.  0 or -ENOMEM. */
 int ab_dns_configure(const char *resolv_conf);

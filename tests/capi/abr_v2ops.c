@@ -1,5 +1,6 @@
 /* abr_v2ops.c: op types for the tests of C API version 2, built against
- * the installed headers as a third-party extension is (tests/conftest.py).
+ * the released version-2 headers (tests/capi/v2_include) as a third-party
+ * extension is (tests/conftest.py).
  *
  *   broken(kind)            a type whose to_python or raise_error breaks the
  *                           contract in one of several ways
