@@ -114,10 +114,11 @@ raise_gai(int eai, int sys_errno)
     Py_XDECREF(mod);
     if (cls == NULL)
         return NULL;
-    PyObject *args = Py_BuildValue("(is)", eai, gai_strerror(eai));
-    if (args != NULL)
-        PyErr_SetObject(cls, args);
-    Py_XDECREF(args);
+    /* An instance, not (code, message) for CPython to instantiate. */
+    PyObject *exc = PyObject_CallFunction(cls, "is", eai, gai_strerror(eai));
+    if (exc != NULL)
+        PyErr_SetObject(cls, exc);
+    Py_XDECREF(exc);
     Py_DECREF(cls);
     return NULL;
 }
