@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import _ext, _resolver
 from ._ext import Bridge, ForkError, Op, Stream, nop, sleep, wait_readable, wait_writable
-from ._resolver import getaddrinfo
+from ._resolver import getaddrinfo, getnameinfo
 
 __all__ = [
     "Bridge",
@@ -24,6 +24,7 @@ __all__ = [
     "configure",
     "get_include",
     "getaddrinfo",
+    "getnameinfo",
     "nop",
     "sleep",
     "stats",

@@ -37,9 +37,15 @@ import os
 import re
 import socket
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Tuple, Union, cast
 
 from . import _ext
+
+if TYPE_CHECKING:
+    from ._ext import Op
+
+    AddrInfo = Tuple[socket.AddressFamily, socket.SocketKind, int, str,
+                     Union[Tuple[str, int], Tuple[str, int, int, int]]]
 
 _EVDNS = 0
 _SYSTEM = 1
@@ -220,9 +226,9 @@ def check(
 
 def configure(
     resolver: str | None = None,
-    resolv_conf: str | None = None,
-    hosts_file: str | None = None,
-    nsswitch_conf: str | None = None,
+    resolv_conf: str | os.PathLike[str] | None = None,
+    hosts_file: str | os.PathLike[str] | None = None,
+    nsswitch_conf: str | os.PathLike[str] | None = None,
 ) -> dict[str, object]:
     check(resolver, resolv_conf, hosts_file, nsswitch_conf)
     if resolver is not None:
@@ -262,7 +268,7 @@ def _reset_after_fork() -> None:
 _templates: dict[tuple[int, object, int, int, int], list[tuple[Any, Any, int, str, tuple]]] = {}
 
 
-def _template(af: int, port: object, type: int, proto: int, flags: int) -> list[tuple]:
+def _template(af: int, port: Any, type: int, proto: int, flags: int) -> list[tuple]:
     """socket.getaddrinfo's entries for a numeric address of family af (its
     errors for a bad port, type or proto as well), kept."""
     key = (af, port, type, proto, flags)
@@ -423,8 +429,8 @@ _maybe_numeric = re.compile(r"[0-9a-fA-FxX.]*\Z|.*:").match
 _INT = int
 
 
-def getaddrinfo(host: Any, port: Any, *, family: int = 0, type: int = 0, proto: int = 0,
-                flags: int = 0) -> Any:
+def getaddrinfo(host: str | bytes | None, port: str | bytes | int | None, *, family: int = 0,
+                type: int = 0, proto: int = 0, flags: int = 0) -> Op[list[AddrInfo]]:
     """Resolve host and port as loop.getaddrinfo does, without its executor."""
     if (
         host.__class__ is str
@@ -454,7 +460,8 @@ def getaddrinfo(host: Any, port: Any, *, family: int = 0, type: int = 0, proto: 
     except Exception as exc:  # TypeError, UnicodeError, OverflowError...: as given
         return _ext._settled_error(exc)
     else:
-        return _ext._settled(numeric)
+        # (typeshed allows sockaddrs of other families, which it never gives here)
+        return _ext._settled(cast("list[AddrInfo]", numeric))
     # The name as the system gets it: str through the idna codec, bytes as given.
     return _resolve(host.encode("idna") if isinstance(host, str) else bytes(host),
                     port, family, type, proto, flags)
@@ -506,7 +513,7 @@ def _resolve(raw: bytes, port: Any, family: int, type: int, proto: int, flags: i
                         _FinishDNS(port, type, proto, flags))
 
 
-_LOOPBACK = {
+_LOOPBACK: dict[int, list[tuple[int, str]]] = {
     0: [(socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")],
     socket.AF_INET: [(socket.AF_INET, "127.0.0.1")],
     socket.AF_INET6: [(socket.AF_INET6, "::1")],
@@ -540,3 +547,31 @@ def _system(raw: bytes, port: Any, family: int, type: int, proto: int, flags: in
     else:
         serv = bytes(port)
     return _ext._lookup(_SYSTEM, raw, serv, family, type, proto, flags, _finish_system)
+
+
+def getnameinfo(sockaddr: tuple[str, int] | tuple[str, int, int, int],
+                flags: int = 0) -> Op[tuple[str, str]]:
+    """Resolve sockaddr as loop.getnameinfo does: the system's getnameinfo,
+    at once on the loop thread when flags ask for numbers only, else on the
+    library's blocking pool (a reverse DNS lookup can take seconds), never
+    on asyncio's executor."""
+    numeric_flags = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+    try:
+        if not isinstance(flags, int):
+            socket.getnameinfo(sockaddr, flags)  # raises its own TypeError
+        # Checks the arguments as the system does, and never looks anything
+        # up (NI_NAMEREQD would make a number an error).
+        numeric = socket.getnameinfo(sockaddr, (flags & ~socket.NI_NAMEREQD) | numeric_flags)
+    except Exception as exc:
+        return _ext._settled_error(exc)
+    if flags & numeric_flags == numeric_flags:
+        return _ext._settled(numeric)
+    host = numeric[0].split("%", 1)[0]
+    if ":" in host:
+        family, packed = socket.AF_INET6, socket.inet_pton(socket.AF_INET6, host)
+        flowinfo = sockaddr[2] if len(sockaddr) > 2 else 0
+        scope_id = sockaddr[3] if len(sockaddr) > 3 else 0
+    else:
+        family, packed = socket.AF_INET, socket.inet_pton(socket.AF_INET, host)
+        flowinfo = scope_id = 0
+    return _ext._nameinfo(family, packed, int(numeric[1]), flowinfo, scope_id, int(flags))

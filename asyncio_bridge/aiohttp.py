@@ -36,7 +36,7 @@ if hasattr(socket, "AI_MASK"):
 
 def _make_resolver() -> type:
     try:
-        from aiohttp.abc import AbstractResolver
+        from aiohttp.abc import AbstractResolver, ResolveResult
     except ImportError as exc:
         raise ImportError(
             "asyncio_bridge.aiohttp.Resolver needs aiohttp (pip install aiohttp)"
@@ -47,11 +47,11 @@ def _make_resolver() -> type:
 
         async def resolve(
             self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-        ) -> list[dict[str, Any]]:
+        ) -> list[ResolveResult]:
             infos = await getaddrinfo(
                 host, port, type=socket.SOCK_STREAM, family=family, flags=_AI_ADDRCONFIG
             )
-            hosts: list[dict[str, Any]] = []
+            hosts: list[ResolveResult] = []
             for fam, _, proto, _, address in infos:
                 if fam == socket.AF_INET6:
                     if len(address) < 3:
@@ -66,14 +66,14 @@ def _make_resolver() -> type:
                 else:
                     resolved_host, port = address[:2]
                 hosts.append(
-                    {
-                        "hostname": host,
-                        "host": resolved_host,
-                        "port": port,
-                        "family": fam,
-                        "proto": proto,
-                        "flags": _NUMERIC_SOCKET_FLAGS,
-                    }
+                    ResolveResult(
+                        hostname=host,
+                        host=resolved_host,
+                        port=port,
+                        family=fam,
+                        proto=proto,
+                        flags=_NUMERIC_SOCKET_FLAGS,
+                    )
                 )
             return hosts
 
@@ -97,10 +97,10 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from aiohttp.abc import AbstractResolver
+    from aiohttp.abc import AbstractResolver, ResolveResult
 
     class Resolver(AbstractResolver):
         async def resolve(
             self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-        ) -> list[dict[str, Any]]: ...
+        ) -> list[ResolveResult]: ...
         async def close(self) -> None: ...

@@ -391,7 +391,107 @@ py_gai_strerror(PyObject *module, PyObject *arg)
     return PyUnicode_FromString(gai_strerror((int)code));
 }
 
+/* ---- getnameinfo on the blocking pool ----------------------------------------------- */
+
+struct nameinfo_state {
+    struct sockaddr_storage sa;
+    socklen_t salen;
+    int flags;
+    int rc, sys_errno;
+    char host[NI_MAXHOST], serv[NI_MAXSERV];
+};
+
+static void
+nameinfo_work(ab_op *op)
+{
+    struct nameinfo_state *s = ab_op_state(op);
+    errno = 0;
+    s->rc = getnameinfo((struct sockaddr *)&s->sa, s->salen, s->host, sizeof(s->host), s->serv,
+                        sizeof(s->serv), s->flags);
+    s->sys_errno = errno;
+}
+
+static int
+nameinfo_step(ab_op *op)
+{
+    struct nameinfo_state *s = ab_op_state(op);
+    AB_BEGIN(op);
+    AB_AWAIT(op, ab_await_blocking(op, nameinfo_work));
+    return s->rc == 0 ? ab_return_custom(op) : ab_fail(op, ERR_GAI);
+    AB_END(op);
+}
+
+static PyObject *
+nameinfo_to_python(ab_op *op)
+{
+    struct nameinfo_state *s = ab_op_state(op);
+    return Py_BuildValue("(ss)", s->host, s->serv);
+}
+
+static PyObject *
+nameinfo_raise(ab_op *op, int err)
+{
+    struct nameinfo_state *s = ab_op_state(op);
+    (void)err;
+    return raise_gai(s->rc, s->sys_errno);
+}
+
+static const ab_op_type nameinfo_type = {
+    .name = "getnameinfo",
+    .state_size = sizeof(struct nameinfo_state),
+    .step = nameinfo_step,
+    .to_python = nameinfo_to_python,
+    .raise_error = nameinfo_raise,
+};
+
+/* _nameinfo(family, packed address, port, flowinfo, scope_id, flags): the
+ * arguments were checked by socket.getnameinfo's numeric call. */
+static PyObject *
+py_nameinfo(PyObject *module, PyObject *args)
+{
+    int family, port, flags;
+    unsigned flowinfo, scope_id;
+    Py_buffer addr;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "iy*iIIi:_nameinfo", &family, &addr, &port, &flowinfo,
+                          &scope_id, &flags))
+        return NULL;
+    size_t need = family == AF_INET ? 4 : family == AF_INET6 ? 16 : 0;
+    if (need == 0 || (size_t)addr.len != need || port < 0 || port > 65535) {
+        PyBuffer_Release(&addr);
+        PyErr_SetString(PyExc_ValueError, "_nameinfo: bad address");
+        return NULL;
+    }
+    ab_op *op = ab_op_new(&nameinfo_type);
+    if (op == NULL) {
+        PyBuffer_Release(&addr);
+        return PyErr_NoMemory();
+    }
+    struct nameinfo_state *s = ab_op_state(op);
+    s->flags = flags;
+    if (family == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)&s->sa;
+        in->sin_family = AF_INET;
+        in->sin_port = htons((uint16_t)port);
+        memcpy(&in->sin_addr, addr.buf, 4);
+        s->salen = sizeof(*in);
+    } else {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&s->sa;
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons((uint16_t)port);
+        in6->sin6_flowinfo = htonl(flowinfo);
+        in6->sin6_scope_id = scope_id;
+        memcpy(&in6->sin6_addr, addr.buf, 16);
+        s->salen = sizeof(*in6);
+    }
+    PyBuffer_Release(&addr);
+    return abpy_wrap(op);
+}
+
 PyMethodDef ab_resolve_methods[] = {
+    {"_nameinfo", py_nameinfo, METH_VARARGS,
+     "_nameinfo(family, address, port, flowinfo, scope_id, flags): getnameinfo on the "
+     "blocking pool."},
     {"_gai_strerror", py_gai_strerror, METH_O, "_gai_strerror(code): the system's message."},
     {"_lookup", py_lookup, METH_VARARGS,
      "_lookup(kind, host, serv, family, type, proto, flags, finish): a lookup op."},

@@ -604,3 +604,54 @@ async def test_c_api_lookups(v3ops, files, dns, settled):
 def test_module_built_for_version_2_runs_with_version_3(v2ops):
     # abr_v2ops.c is built against the released version-2 headers.
     assert asyncio.run(v2ops.signal_later(0.01, 7)) == 7
+
+
+# ---- getnameinfo -----------------------------------------------------------------------------
+
+NAMEINFO = [
+    (("127.0.0.1", 80), 0),
+    (("127.0.0.1", 80), socket.NI_NUMERICHOST),
+    (("127.0.0.1", 443), socket.NI_NUMERICSERV),
+    (("127.0.0.1", 80), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV),
+    (("127.0.0.1", 80), socket.NI_NAMEREQD),
+    (("127.0.0.1", 53), socket.NI_DGRAM),
+    (("::1", 80, 0, 0), socket.NI_NUMERICHOST),
+    (("fe80::1%lo", 80, 0, 1), socket.NI_NUMERICHOST),
+    (("fe80::1", 80, 0, 1), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV),
+    # bad input, as socket.getnameinfo refuses it
+    (("127.0.0.1",), 0),
+    (("127.0.0.1", 80, 0, 0), 0),
+    (("localhost", 80), 0),
+    (("127.0.0.1", "80"), 0),
+    ("127.0.0.1", 0),
+    (("127.0.0.1", 80), "x"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sockaddr, flags", NAMEINFO, ids=repr)
+async def test_getnameinfo_matches_the_system(sockaddr, flags):
+    expected = await aoutcome(asyncio.get_running_loop().run_in_executor(
+        None, lambda: socket.getnameinfo(sockaddr, flags)))
+    before = ab.stats()
+    assert await aoutcome(ab.getnameinfo(sockaddr, flags)) == expected
+    numeric = isinstance(flags, int) and \
+        flags & (socket.NI_NUMERICHOST | socket.NI_NUMERICSERV) == \
+        (socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+    if numeric or expected[0] != "ok":
+        assert ab.stats()["submitted"] == before["submitted"]  # answered here
+
+
+@pytest.mark.asyncio
+async def test_getnameinfo_runs_on_the_blocking_pool_and_cancels(settled):
+    before = ab.stats()
+    assert (await ab.getnameinfo(("127.0.0.1", 80)))[1] == "http"
+    after = ab.stats()
+    assert after["submitted"] == before["submitted"] + 1
+    assert after["blocking_threads"] >= 1
+    task = asyncio.ensure_future(ab.getnameinfo(("127.0.0.1", 80)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await settled()
