@@ -65,7 +65,7 @@ step_pyasan() {
   [ -f "$libasan" ] || { echo "no libasan.so for gcc"; return 1; }
   [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv" || return 1
   "$venv/bin/python" -m pip install -q "meson-python>=0.15" "meson>=1.1" ninja \
-    pytest pytest-asyncio pytest-timeout uvloop aiohttp hypothesis dnspython || return 1
+    pytest pytest-asyncio pytest-timeout uvloop aiohttp hypothesis dnspython mypy || return 1
   rm -rf "$OUT/pyasan-build"
   # Non-editable, its own build dir: never /work/main/build.
   "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps --force-reinstall \
