@@ -65,6 +65,7 @@ class _Config:
     resolv_conf: str | None = None  # None: /etc/resolv.conf
     hosts = "/etc/hosts"
     nsswitch = "/etc/nsswitch.conf"
+    gai_conf = "/etc/gai.conf"  # read for the auto decision only
 
 
 _config = _Config()
@@ -181,8 +182,29 @@ def _strip_actions(s: str) -> str:
     return "".join(out)
 
 
+def _parse_gai(text: str | None) -> bool:
+    """Whether gai.conf changes glibc's ordering (any line that is not a
+    comment): then only the system orders as the machine wants."""
+    return any(line.split("#", 1)[0].strip() for line in (text or "").splitlines())
+
+
+def _parse_resolv_options(text: str | None) -> frozenset[str]:
+    options: set[str] = set()
+    for line in (text or "").splitlines():
+        fields = line.split("#", 1)[0].split(";", 1)[0].split()
+        if fields and fields[0] == "options":
+            options.update(f.split(":", 1)[0] for f in fields[1:])
+    return frozenset(options)
+
+
+# resolv.conf options that change glibc's answers in ways evdns does not
+# follow (no-aaaa: glibc 2.36 asks for A records only).
+_SYSTEM_ONLY_OPTIONS = frozenset({"no-aaaa"})
+
 _hosts = _Watched(_parse_hosts)
 _nsswitch = _Watched(_parse_nsswitch)
+_gai = _Watched(_parse_gai)
+_resolv_options = _Watched(_parse_resolv_options)
 _host_name: tuple[float, str] = (-1e9, "")
 
 
@@ -254,9 +276,11 @@ def settings() -> dict[str, object]:
 
 def _reset_after_fork() -> None:
     """The child's resolver starts afresh: its files are read again."""
-    global _hosts, _nsswitch, _addrconfig_cache, _host_name
+    global _hosts, _nsswitch, _gai, _resolv_options, _addrconfig_cache, _host_name
     _hosts = _Watched(_parse_hosts)
     _nsswitch = _Watched(_parse_nsswitch)
+    _gai = _Watched(_parse_gai)
+    _resolv_options = _Watched(_parse_resolv_options)
     _addrconfig_cache = (-1e9, (True, True))
     _host_name = (-1e9, "")
     _templates.clear()
@@ -480,6 +504,10 @@ def _resolve(raw: bytes, port: Any, family: int, type: int, proto: int, flags: i
     policy: _Policy | None = None
     if mode == "auto":
         policy = _nsswitch.get(_config.nsswitch)
+        if _gai.get(_config.gai_conf) or (
+            _resolv_options.get(_config.resolv_conf or "/etc/resolv.conf") & _SYSTEM_ONLY_OPTIONS
+        ):
+            mode = "system"  # the machine tuned glibc in ways only glibc follows
     native = (
         mode != "system"
         and name

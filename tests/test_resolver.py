@@ -541,8 +541,13 @@ def test_exit_with_lookups_in_flight_is_prompt_and_quiet(dns, run_script, tmp_pa
     """)
     assert proc.returncode == 0, proc.stderr
     assert "started 51" in proc.stdout
-    assert proc.wall < 2.0 + 1.0, proc.wall  # interpreter start included
-    assert proc.stderr.strip() == "" or "Task was destroyed" in proc.stderr
+    assert proc.wall < 2.0, proc.wall  # interpreter start and imports included
+    # Nothing but asyncio's own note on the tasks the script left pending
+    # (asyncio.sleep tasks left so get the same).
+    lines = [line for line in proc.stderr.splitlines()
+             if line.strip() and not line.startswith(("Task was destroyed but it is pending!",
+                                                      "task: <Task pending"))]
+    assert lines == [], proc.stderr
 
 
 def test_fork_child_gets_a_fresh_resolver(dns, run_script, tmp_path):
@@ -655,3 +660,36 @@ async def test_getnameinfo_runs_on_the_blocking_pool_and_cancels(settled):
     with pytest.raises(asyncio.CancelledError):
         await task
     await settled()
+
+
+# ---- auto: what only glibc follows goes to glibc -------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("tuning", ["none", "gai.conf", "no-aaaa"])
+async def test_auto_leaves_tuned_machines_to_the_system(tmp_path, dns, tuning):
+    nsswitch = tmp_path / "nsswitch.conf"
+    nsswitch.write_text("hosts: files dns\n")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver {dns.address}\n"
+                      + ("options no-aaaa\n" if tuning == "no-aaaa" else ""))
+    gai = tmp_path / "gai.conf"
+    gai.write_text("# comments only\n" + ("precedence ::ffff:0:0/96 100\n"
+                                          if tuning == "gai.conf" else ""))
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    saved = ab._resolver._config.gai_conf
+    ab.configure(resolver="auto", resolv_conf=str(resolv), hosts_file=str(hosts),
+                 nsswitch_conf=str(nsswitch))
+    ab._resolver._config.gai_conf = str(gai)
+    try:
+        before = ab.stats()["submitted"]
+        got = await ab.getaddrinfo("localhost", 80, family=socket.AF_INET,
+                                   type=socket.SOCK_STREAM)
+        assert got == socket.getaddrinfo("localhost", 80, socket.AF_INET, socket.SOCK_STREAM)
+        went_to_system = ab.stats()["submitted"] > before
+        assert went_to_system == (tuning != "none")
+    finally:
+        ab._resolver._config.gai_conf = saved
+        ab.configure(resolver="auto", resolv_conf="/etc/resolv.conf", hosts_file="/etc/hosts",
+                     nsswitch_conf="/etc/nsswitch.conf")
