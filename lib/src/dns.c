@@ -147,6 +147,16 @@ answer_new(int n4, int n6)
     return a;
 }
 
+/* With no memory even for an error: a shared answer saying EAI_MEMORY,
+ * never freed. */
+static ab_dns_answer *
+answer_oom(void)
+{
+    static ab_dns_answer oom = {.error = EAI_MEMORY};
+    atomic_store(&oom.refs, 1u << 30);
+    return &oom;
+}
+
 void
 ab_dns_answer_release(ab_dns_answer *a)
 {
@@ -460,16 +470,10 @@ evdns_done(struct ab__dns_query *q)
                 }
         }
     }
-    if (a == NULL) {
-        a = answer_new(0, 0);
-    }
-    if (a == NULL) { /* no memory even for the error: waiters see EAI_MEMORY */
-        static ab_dns_answer oom = {.error = EAI_MEMORY};
-        atomic_store(&oom.refs, 1u << 30); /* never freed */
-        a = &oom;
-    } else if (a->n4 + a->n6 == 0 && a->error == 0) {
-        a->error = EAI_MEMORY;
-    }
+    if (a == NULL && (a = answer_new(0, 0)) != NULL)
+        a->error = EAI_MEMORY; /* the answer did not fit */
+    if (a == NULL)
+        a = answer_oom();
     publish(q, a);
     query_free(q);
 }
@@ -603,11 +607,8 @@ sys_step(ab_op *op)
             s->res = NULL;
         }
         q->sysop = NULL;
-        if (a == NULL) {
-            static ab_dns_answer oom = {.error = EAI_MEMORY};
-            atomic_store(&oom.refs, 1u << 30);
-            a = &oom;
-        }
+        if (a == NULL)
+            a = answer_oom();
         publish(q, a);
         query_free(q);
         s->q = NULL;
