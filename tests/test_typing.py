@@ -2,12 +2,10 @@
 (its stubs included) and a user's code that uses the resolver API, and
 finds the types a user expects."""
 
-import os
 import subprocess
 import sys
 import textwrap
-
-import asyncio_bridge
+from pathlib import Path
 
 USER_CODE = """
 import asyncio, socket
@@ -27,13 +25,20 @@ async def main() -> None:
 """
 
 
+# The sources (and the extension's stub, _ext.pyi) of this checkout: mypy is
+# run from the checkout, so that it reads them whether the package is
+# installed editable or not.  (Pointed into site-packages instead, mypy
+# takes that folder for a source root and complains about its neighbours.)
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def test_mypy(tmp_path):
-    package = os.path.dirname(asyncio_bridge.__file__)
+    assert (ROOT / "asyncio_bridge" / "_ext.pyi").is_file()
     user = tmp_path / "user.py"
     user.write_text(textwrap.dedent(USER_CODE))
     proc = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental",
-                           "--cache-dir", str(tmp_path / "cache"), package, str(user)],
-                          capture_output=True, text=True, timeout=300)
+                           "--cache-dir", str(tmp_path / "cache"), "asyncio_bridge", str(user)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     out = proc.stdout
     errors = [line for line in out.splitlines() if ": error:" in line]
     assert errors == [], out
