@@ -551,9 +551,7 @@ _LOOPBACK: dict[int, list[tuple[int, str]]] = {
 def _numeric_port(port: Any) -> bool:
     if port is None or (isinstance(port, int) and not isinstance(port, bool)):
         return True
-    if isinstance(port, (str, bytes)):
-        return port.isdigit() if isinstance(port, str) else port.isdigit()
-    return False
+    return isinstance(port, (str, bytes)) and port.isascii() and port.isdigit()
 
 
 def _from_hosts(name: str, family: int) -> list[tuple[int, str]] | None:

@@ -98,7 +98,6 @@ lookup_dispose(ab_op *op)
     struct lookup_state *s = ab_op_state(op);
     ab_dns_answer_release(s->w.answer);
     s->w.answer = NULL;
-    lookup_free_names(s);
 }
 
 /* New reference: socket.gaierror(code, message), as socketmodule makes it. */

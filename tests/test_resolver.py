@@ -26,7 +26,7 @@ ZONE = {
     "slower.example.test": {"A": ["10.0.0.8"], "delay": 0.6},
     "servfail.example.test": {"rcode": "SERVFAIL"},
     "silent.example.test": {"silent": True},
-    "empty.example.test": {"TXT": ["x"]} if False else {"A": [], "AAAA": []},
+    "empty.example.test": {"A": [], "AAAA": []},
     "xn--bcher-kva.example.test": {"A": ["10.5.5.5"]},
     "short.search.test": {"A": ["10.7.7.7"]},
     "hosts-and-dns.example.test": {"A": ["10.3.3.3"]},
@@ -348,8 +348,7 @@ async def test_localhost_is_answered_here(files, dns):
 
 @pytest.mark.asyncio
 async def test_hosts_file_changes_are_picked_up(files, dns):
-    got = await ab.getaddrinfo("new.example.test", 80, family=socket.AF_INET, type=socket.SOCK_STREAM) \
-        if False else None
+    got = None
     files["hosts"].write_text(HOSTS + "10.77.0.1 new.example.test\n")
     end = time.monotonic() + 3
     while time.monotonic() < end:
@@ -535,7 +534,6 @@ def test_exit_with_lookups_in_flight_is_prompt_and_quiet(dns, run_script, tmp_pa
             asyncio.ensure_future(ab.getaddrinfo("slower.example.test", 80))
             await asyncio.sleep(0.1)
             print("started", ab.stats()["lookups_evdns"], flush=True)
-            os._exit(0) if False else None
         loop = new_loop()
         loop.run_until_complete(main())
     """)

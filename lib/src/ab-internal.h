@@ -100,7 +100,7 @@ struct ab_op {
     unsigned char wait;
     unsigned char wait_events;
     unsigned char started, finished, cancelled, cleaned;
-    unsigned char submitted;         /* owner */
+    unsigned char submitted;         /* owner: 1, or AB__ENGINE_OWNED */
     unsigned char signal_kept;       /* a signal came while not waiting for one */
     unsigned char timer_armed;       /* a signal or fd-set wait's timeout */
     unsigned char soon_queued;       /* on the engine's soon list */
@@ -111,7 +111,6 @@ struct ab_op {
     /* Owner, before AB_EV_PYTHON; read by the step after. */
     unsigned char python_failed;
     unsigned char python_skipped;    /* ... and the awaitable never ran */
-    unsigned char engine_owned;      /* ab__engine_own: no sink, counted in flight */
     unsigned short soon_why;         /* AB_EV_* for the soon list's resume */
     /* AB_MSG_* bits for the owner (atomic builtins); the op is on its sink
      * while nonzero. */
@@ -162,6 +161,10 @@ struct ab_op {
     _Alignas(max_align_t) unsigned char state[];
 };
 
+#if defined(__x86_64__) && defined(__LP64__)
+_Static_assert(sizeof(struct ab_op) == 128, "an op's header grew past 128 bytes");
+#endif
+
 /* engine.c */
 struct event_base *ab__engine_base(void);
 /* Post AB_EV_* bits to an op; wakes the engine once per burst.  Any thread. */
@@ -174,7 +177,10 @@ void ab__items_free(ab_op *op);
 /* op.c: the op's extra part, allocated on first use (NULL: out of memory). */
 struct ab__extra *ab__extra(ab_op *op);
 /* engine.c: start an op of the engine's own (no sink): it counts as in
- * flight until it finishes, then frees itself.  Any thread. */
+ * flight until it finishes, then frees itself; its `submitted` says
+ * AB__ENGINE_OWNED (a field of its own would grow the op's header past 128
+ * bytes).  Any thread. */
+#define AB__ENGINE_OWNED 2
 void ab__engine_own(ab_op *op);
 /* dns.c: the engine's base is freed (engine stopped, nothing in flight),
  * or abandoned (a fork child, an owner gone). */

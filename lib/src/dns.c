@@ -383,15 +383,16 @@ current_ctx(void)
     uint64_t now = ab__now_ns();
     pthread_mutex_lock(&D.mu);
     unsigned gen = D.config_gen;
+    pthread_mutex_unlock(&D.mu);
+    if (D.cur != NULL && gen == D.cur_gen && now - D.checked_ns < CHECK_EVERY_NS)
+        return D.cur; /* the common case: no copy, no stat */
+    pthread_mutex_lock(&D.mu);
+    gen = D.config_gen;
     char *path = D.resolv_conf != NULL ? strdup(D.resolv_conf) : NULL;
     int failed = D.resolv_conf != NULL && path == NULL;
     pthread_mutex_unlock(&D.mu);
     if (failed)
         return D.cur;
-    if (D.cur != NULL && gen == D.cur_gen && now - D.checked_ns < CHECK_EVERY_NS) {
-        free(path);
-        return D.cur;
-    }
     D.checked_ns = now;
     struct stat st;
     int ok = stat(path != NULL ? path : "/etc/resolv.conf", &st) == 0;

@@ -169,8 +169,8 @@ finish(ab_op *op)
 {
     op->finished = 1;
     set_wait(op, AB__WAIT_NONE);
-    if (!op->submitted)
-        ; /* the engine's own calls (ab_engine_call): not counted */
+    if (op->submitted != 1)
+        ; /* the engine's own ops (ab_engine_call, ab__engine_own): not counted */
     else if (op->error == -ECANCELED)
         atomic_fetch_add_explicit(&S.cancelled, 1, memory_order_relaxed);
     else
@@ -180,7 +180,7 @@ finish(ab_op *op)
     if (op->sink != NULL) {
         ab__sink_send(op, AB_MSG_FINISHED);
     } else {
-        if (op->engine_owned)
+        if (op->submitted == AB__ENGINE_OWNED)
             atomic_fetch_sub(&S.in_flight, 1);
         ab_op_release(op); /* engine-owned: nobody waits for it */
     }
@@ -788,8 +788,7 @@ ab_submit(ab_op *op, ab_sink *sink)
 void
 ab__engine_own(ab_op *op)
 {
-    op->engine_owned = 1;
-    op->generation = ab_fork_generation();
+    op->submitted = AB__ENGINE_OWNED;
     atomic_fetch_add(&S.in_flight, 1);
     ab__engine_post(op, AB_EV_START);
 }
