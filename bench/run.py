@@ -58,6 +58,13 @@ TARGET_THREAD_EACH_SPEEDUP = 2.0
 TARGET_LATENCY_RATIO = 1.3
 TARGET_NATIVE_BYTES = 300
 TARGET_LAG_P99_MS = 2.0
+# Issue 11, in every placement (as is, one CPU, every core busy).
+TARGET_PLACED_RATIO = 1.15
+TARGET_PLACED_LATENCY_RATIO = 1.5
+# call_soon_threadsafe delivery's latency p50 (us) before issue 11's engine
+# and courier work, measured by this script at 3292b9a (--quick), per
+# (placement, loop): the target is half of it.
+CALL_SOON_THREADSAFE_P50_BEFORE: dict[tuple[str, str], float] = {}
 
 
 # --------------------------------------------------------------------------
@@ -307,18 +314,22 @@ async def measure_throughput(contender, total: int) -> dict:
         gc.collect()
         before = bridge_counters(contender)
         start, start_cpu = time.perf_counter(), time.thread_time()
+        start_proc = time.process_time()
         await drive(contender.op, total, IN_FLIGHT)
         elapsed = time.perf_counter() - start
         loop_cpu = time.thread_time() - start_cpu
+        proc_cpu = time.process_time() - start_proc
         after = bridge_counters(contender)
     finally:
         await contender.teardown()
     ops = total // IN_FLIGHT * IN_FLIGHT
     # The loop thread's own CPU time per op: the part of the cost that the
     # loop pays itself, as against waiting for, or sharing a core with,
-    # another thread.
+    # another thread; and the whole process's (every thread: loop, engine,
+    # courier, pools), which is what the machine pays.
     return {"us_per_op": elapsed / ops * 1e6,
-            "loop_cpu_us_per_op": loop_cpu / ops * 1e6, "ops": ops,
+            "loop_cpu_us_per_op": loop_cpu / ops * 1e6,
+            "proc_cpu_us_per_op": proc_cpu / ops * 1e6, "ops": ops,
             "bridge_stats": counters_delta(before, after)}
 
 
@@ -397,6 +408,10 @@ def summarize_throughput(contenders, loops, raw, rounds) -> dict:
                 "us_per_op_rounds": values,
                 "loop_cpu_us_per_op": statistics.median(
                     o["loop_cpu_us_per_op"] for o in outcomes),
+                "proc_cpu_us_per_op_rounds": [o["proc_cpu_us_per_op"]
+                                              for o in outcomes],
+                "proc_cpu_us_per_op": statistics.median(
+                    o["proc_cpu_us_per_op"] for o in outcomes),
                 "ops_per_round": outcomes[0]["ops"],
                 "bridge_stats_rounds": [o["bridge_stats"] for o in outcomes
                                         if o["bridge_stats"]] or None,
@@ -406,6 +421,7 @@ def summarize_throughput(contenders, loops, raw, rounds) -> dict:
             if row["status"] != "ok":
                 continue
             for ref_key, name in (("floor", "x_floor"),
+                                  ("thread_batch", "x_thread_batch"),
                                   ("run_in_executor", "x_executor"),
                                   ("thread_each", "x_thread_each")):
                 ref = per_loop.get(ref_key, {})
@@ -414,6 +430,12 @@ def summarize_throughput(contenders, loops, raw, rounds) -> dict:
                               zip(row["us_per_op_rounds"],
                                   ref["us_per_op_rounds"])]
                     row[name] = statistics.median(ratios)
+            floor = per_loop.get("floor", {})
+            if floor.get("status") == "ok":
+                row["cpu_x_floor"] = statistics.median(
+                    mine / theirs for mine, theirs in
+                    zip(row["proc_cpu_us_per_op_rounds"],
+                        floor["proc_cpu_us_per_op_rounds"]))
     return summary
 
 
@@ -447,9 +469,16 @@ def summarize_latency(contenders, loops, raw, c_rounds) -> dict:
             if ratios:
                 row["p50_x_c_eventfd"] = statistics.median(ratios)
         executor = per_loop.get("run_in_executor", {})
+        floor = per_loop.get("floor", {})
         for row in per_loop.values():
             if row["status"] == "ok" and executor.get("status") == "ok":
                 row["p50_x_executor"] = row["p50_us"] / executor["p50_us"]
+            if row["status"] == "ok" and floor.get("status") == "ok":
+                # The floor's own round trip: a loop resolving its own
+                # Future (call_soon), the cost no thread can undercut.
+                row["p50_x_floor"] = statistics.median(
+                    mine / theirs for mine, theirs in
+                    zip(row["p50_us_rounds"], floor["p50_us_rounds"]))
     return summary
 
 
@@ -931,12 +960,14 @@ def evaluate_targets(results) -> list[dict]:
             add(f"{key}: latency p50 within {TARGET_LATENCY_RATIO}x of C "
                 f"eventfd round trip", loop_name, ratio, TARGET_LATENCY_RATIO,
                 ratio <= TARGET_LATENCY_RATIO if ratio else None)
-    for loop_name, entry in results["memory"].items():
+    for placement, entry in results.get("placements", {}).items():
+        evaluate_placement(add, placement, entry)
+    for loop_name, entry in results.get("memory", {}).items():
         native = entry.get("native_bytes_per_op")
         add(f"native bytes per in-flight op < {TARGET_NATIVE_BYTES}",
             loop_name, native, TARGET_NATIVE_BYTES,
             native < TARGET_NATIVE_BYTES if native is not None else None)
-    for loop_name, rows in results["pool"].items():
+    for loop_name, rows in results.get("pool", {}).items():
         if not isinstance(rows, dict) or loop_name not in tput:
             continue
         row = rows.get("asyncio_bridge pool (example zlib)", {})
@@ -945,6 +976,48 @@ def evaluate_targets(results) -> list[dict]:
             loop_name, p99, TARGET_LAG_P99_MS,
             p99 < TARGET_LAG_P99_MS if p99 is not None else None)
     return targets
+
+
+def evaluate_placement(add, placement, entry) -> None:
+    """Issue 11's targets, in one placement, for each loop."""
+    if entry.get("status") != "ok":
+        return
+    where = f"[{placement}] "
+    for loop_name, rows in entry["throughput"].items():
+        lrows = entry["latency"].get(loop_name, {})
+        for key in ("bridge_add_reader", "bridge_call_soon_threadsafe"):
+            row, lrow = rows.get(key, {}), lrows.get(key, {})
+            ok = row.get("status") == "ok"
+            ratio = row.get("x_floor") if ok else None
+            add(f"{where}{key}: wall/op within {TARGET_PLACED_RATIO}x of "
+                f"floor", loop_name, ratio, TARGET_PLACED_RATIO,
+                None if ratio is None else ratio <= TARGET_PLACED_RATIO)
+            if key == "bridge_add_reader":
+                cpu = row.get("cpu_x_floor") if ok else None
+                add(f"{where}{key}: process CPU/op within "
+                    f"{TARGET_PLACED_RATIO}x of floor's", loop_name, cpu,
+                    TARGET_PLACED_RATIO,
+                    None if cpu is None else cpu <= TARGET_PLACED_RATIO)
+                batch = row.get("x_thread_batch") if ok else None
+                add(f"{where}{key}: never slower than the batching thread "
+                    f"(wall ratio)", loop_name, batch, 1.0,
+                    None if batch is None else batch <= 1.0)
+                lat = (lrow.get("p50_x_floor")
+                       if lrow.get("status") == "ok" else None)
+                add(f"{where}{key}: latency p50 within "
+                    f"{TARGET_PLACED_LATENCY_RATIO}x of floor's", loop_name,
+                    lat, TARGET_PLACED_LATENCY_RATIO,
+                    None if lat is None else
+                    lat <= TARGET_PLACED_LATENCY_RATIO)
+            else:
+                before = CALL_SOON_THREADSAFE_P50_BEFORE.get(
+                    (placement, loop_name))
+                p50 = lrow.get("p50_us") if lrow.get("status") == "ok" \
+                    else None
+                limit = before / 2 if before else None
+                add(f"{where}{key}: latency p50 at most half of "
+                    f"{before} us (before issue 11)", loop_name, p50, limit,
+                    None if p50 is None or limit is None else p50 <= limit)
 
 
 def fmt(value, spec=".2f", suffix="") -> str:
@@ -1009,6 +1082,10 @@ def render_table(results, contenders) -> str:
                     b.get("completed", 0) / b["wakeups"] for b in batches)
                 out(f"{loop_name:8} {key}: {per_wakeup:.1f} ops per wake-up,"
                     f" largest batch {batches[-1].get('largest_batch')}")
+    render_placements(results, contenders, out)
+    if "memory" not in results:
+        render_targets(results, out)
+        return "\n".join(lines)
     out("")
     out("Memory per in-flight sleep task "
         f"({cfg['memory_ops']} in flight; bytes per op):")
@@ -1073,13 +1150,59 @@ def render_table(results, contenders) -> str:
                     + ("" if row["all_delivered"] else "   WRONG RESULTS"))
     else:
         out(f"Drain budget: {drain.get('status', 'not measured')}")
+    render_targets(results, out)
+    return "\n".join(lines)
+
+
+def render_targets(results, out) -> None:
     out("")
     out("Targets:")
     for target in results["targets"]:
         figure = fmt(target["figure"])
+        limit = fmt(target["limit"]) if isinstance(target["limit"], float) \
+            else target["limit"]
         out(f"  {target['result']:4} {target['loop']:8} {target['target']}"
-            f"  ({figure}, limit {target['limit']})")
-    return "\n".join(lines)
+            f"  ({figure}, limit {limit})")
+
+
+def render_placements(results, contenders, out) -> None:
+    placements = results.get("placements")
+    if not placements:
+        return
+    out("")
+    out("Placements: throughput (1000 in flight) and latency (one at a time)"
+        " where services run")
+    header = (f"{'placement':9} {'loop':8} {'contender':42} {'us/op':>7} "
+              f"{'x floor':>8} {'proc cpu':>8} {'x floor':>8} "
+              f"{'p50 us':>7} {'x floor':>8}")
+    out(header)
+    out("-" * len(header))
+    for placement in PLACEMENTS:
+        entry = placements.get(placement, {})
+        if entry.get("status") != "ok":
+            out(f"{placement:9} {entry.get('status', 'not measured')[:100]}")
+            continue
+        for loop_name, rows in entry["throughput"].items():
+            for contender in contenders:
+                row = rows.get(contender.key, {})
+                lrow = entry["latency"].get(loop_name, {}).get(
+                    contender.key, {})
+                if row.get("status") != "ok":
+                    out(f"{placement:9} {loop_name:8} {contender.label:42} "
+                        f"{row.get('status', '')[:50]}")
+                    continue
+                out(f"{placement:9} {loop_name:8} {contender.label:42} "
+                    f"{fmt(row.get('us_per_op')):>7} "
+                    f"{fmt(row.get('x_floor'), suffix='x'):>8} "
+                    f"{fmt(row.get('proc_cpu_us_per_op')):>8} "
+                    f"{fmt(row.get('cpu_x_floor'), suffix='x'):>8} "
+                    f"{fmt(lrow.get('p50_us'), '.1f'):>7} "
+                    f"{fmt(lrow.get('p50_x_floor'), suffix='x'):>8}")
+    out("(us/op: wall time per op; proc cpu: the whole process's CPU time "
+        "per op, every thread; x floor: each relative to the floor's, "
+        "median of per-round ratios; every core busy: "
+        f"{placements.get('all_busy', {}).get('cpus', '?')} processes, "
+        "the median one)")
 
 
 def draw_chart(results, contenders, path: Path) -> None:
@@ -1148,6 +1271,10 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, help="interleaved rounds")
     parser.add_argument("--ops", type=int, help="throughput ops per run")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--placement-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=("round-trips",),
+                        help="measure only throughput and latency, in every "
+                             "placement")
     return parser.parse_args(argv)
 
 
@@ -1184,11 +1311,130 @@ def measure_round_trips(results, contenders, loops, build_dir, log) -> None:
                                                      / c_row["p50_us"])
 
 
+# --------------------------------------------------------------------------
+# Placements: the machine as it is, one CPU, every core busy
+# --------------------------------------------------------------------------
+
+PLACEMENTS = ("as_is", "one_cpu", "all_busy")
+PLACEMENT_LABELS = {
+    "as_is": "the machine as it is",
+    "one_cpu": "one CPU (the whole process pinned to it)",
+    "all_busy": "every core busy (one benchmark process per CPU, median)",
+}
+
+
+def placement_child(placement: str, config_json: str) -> None:
+    """Throughput and latency in a process of its own: pinned to one CPU
+    (before any thread exists, so every thread inherits it), or one of as
+    many processes as CPUs, started together (the parent releases them all
+    at once through stdin).  Writes the results as JSON to stdout."""
+    config = json.loads(config_json)
+    if placement == "one_cpu":
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    bridge, _ = bridge_status()
+    loops = list(loop_factories())
+    contenders = make_contenders(bridge)
+    results = {"config": config}
+    if placement == "all_busy":
+        sys.stdin.readline()  # the start signal: every process is ready
+    with tempfile.TemporaryDirectory() as build_dir:
+        measure_round_trips(results, contenders, loops, Path(build_dir),
+                            lambda message: None)
+    json.dump({key: results[key] for key in
+               ("throughput", "latency", "eventfd_pingpong")}, sys.stdout)
+
+
+def run_placement_children(placement: str, count: int, config: dict,
+                           log) -> list[dict]:
+    """Starts `count` children of placement_child together; their results
+    (or {"error": ...} for a child that failed)."""
+    argv = [sys.executable, str(Path(__file__).resolve()),
+            "--placement-child", placement, json.dumps(config)]
+    children = [subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+                for _ in range(count)]
+    try:
+        for child in children:  # all started: let them go at once
+            child.stdin.write("go\n")
+            child.stdin.close()
+            child.stdin = None  # communicate() must not flush it again
+        outcomes = []
+        for child in children:
+            out, err = child.communicate(timeout=30 * RUN_TIMEOUT_S)
+            if child.returncode != 0:
+                tail = err.strip().splitlines()[-1:] or ["no output"]
+                outcomes.append({"error": f"exit {child.returncode}: "
+                                          f"{tail[0]}"})
+                log(f"  {placement} child failed: {err[-2000:]}")
+            else:
+                outcomes.append(json.loads(out))
+        return outcomes
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def median_of_processes(outcomes: list[dict]) -> dict:
+    """Per (section, loop, contender): the median process's figures."""
+    good = [o for o in outcomes if "error" not in o]
+    if not good:
+        return {"status": "error: " + "; ".join(o["error"] for o in outcomes)}
+    merged = {"status": "ok", "processes": len(good),
+              "failed_processes": len(outcomes) - len(good)}
+    for section in ("throughput", "latency"):
+        merged[section] = {}
+        for loop_name, rows in good[0][section].items():
+            merged[section][loop_name] = {}
+            for key in rows:
+                per_process = [o[section][loop_name][key] for o in good]
+                if any(r.get("status") != "ok" for r in per_process):
+                    merged[section][loop_name][key] = next(
+                        r for r in per_process if r.get("status") != "ok")
+                    continue
+                row = {"status": "ok"}
+                for field, value in per_process[0].items():
+                    if isinstance(value, (int, float)) and not isinstance(
+                            value, bool):
+                        row[field] = statistics.median(
+                            r[field] for r in per_process)
+                row["per_process"] = per_process
+                merged[section][loop_name][key] = row
+    return merged
+
+
+def measure_placements(results, log) -> None:
+    """results["placements"][name] = {"throughput", "latency"} for each
+    placement; "as_is" is this process's own run."""
+    config = results["config"]
+    child_config = {key: config[key] for key in
+                    ("rounds", "throughput_ops", "latency_round_trips",
+                     "c_round_trips_per_round")}
+    placements = {"as_is": {"status": "ok",
+                            "throughput": results["throughput"],
+                            "latency": results["latency"]}}
+    cpus = len(os.sched_getaffinity(0))
+    log("placement: one CPU")
+    placements["one_cpu"] = median_of_processes(
+        run_placement_children("one_cpu", 1, child_config, log))
+    placements["one_cpu"]["cpus"] = 1
+    log(f"placement: every core busy ({cpus} processes)")
+    placements["all_busy"] = median_of_processes(
+        run_placement_children("all_busy", cpus, child_config, log))
+    placements["all_busy"]["cpus"] = cpus
+    results["placements"] = placements
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_child:
         kind, loop_name, count = args.memory_child
         memory_child(kind, loop_name, int(count))
+        return 0
+    if args.placement_child:
+        placement_child(*args.placement_child)
         return 0
 
     quick = args.quick
@@ -1225,6 +1471,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as build_dir:
         measure_round_trips(results, contenders, loops, Path(build_dir),
                             log)
+    measure_placements(results, log)
+    if args.only == "round-trips":
+        results["targets"] = evaluate_targets(results)
+        table = render_table(results, contenders)
+        print(table)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        return 0
     log("memory")
     results["memory"] = measure_memory(loops, config["memory_ops"],
                                        bridge is not None, log)

@@ -925,6 +925,8 @@ bridge_new(ab_state *st, PyObject *loop)
     b->in_flight = 0;
     b->ops.prev = b->ops.next = &b->ops;
     b->backlog = NULL;
+    b->flush_queued = 0;
+    b->submitted_since_drain = 0;
     b->all_prev = b->all_next = NULL;
     b->weakreflist = NULL;
     b->generation = ab_fork_generation();
@@ -1063,6 +1065,52 @@ fail:
     return NULL;
 }
 
+/* ---- the engine's wake, once per loop iteration ------------------------------------ */
+
+static PyObject *
+bridge_flush(PyObject *self, PyObject *unused)
+{
+    (void)unused;
+    ((BridgeObject *)self)->flush_queued = 0;
+    ab_engine_flush();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef flush_def = {"_engine_flush", bridge_flush, METH_NOARGS, NULL};
+
+/* The loop thread, GIL: a submit from this loop (ab_submit_deferred) left a
+ * sleeping engine's wake to us.
+ *
+ * The first submit after a delivery wakes the engine at once: a lone op
+ * (one awaited at a time) starts without delay, and so does the first of a
+ * burst.  The rest of the burst (every task that the delivery resumed
+ * submitting in turn) waits for the loop's next iteration, where a flush
+ * wakes the engine once for all of them: one write and one wake-up per
+ * burst rather than one per op that finds the engine asleep, and on one
+ * CPU no switch to the engine in the middle of the loop's turn.  Cannot
+ * fail: without a callback the engine is woken at once. */
+void
+ab_bridge_owe_wake(BridgeObject *b, ab_state *st, PyObject *loop)
+{
+    if (!b->submitted_since_drain) {
+        b->submitted_since_drain = 1;
+        ab_engine_flush();
+        return;
+    }
+    if (b->flush_queued)
+        return;
+    PyObject *fn = PyCFunction_New(&flush_def, (PyObject *)b);
+    PyObject *r = fn != NULL ? PyObject_CallMethodOneArg(loop, st->str_call_soon, fn) : NULL;
+    Py_XDECREF(fn);
+    if (r == NULL) {
+        PyErr_Clear();
+        ab_engine_flush();
+        return;
+    }
+    Py_DECREF(r);
+    b->flush_queued = 1;
+}
+
 /* ---- drain ---------------------------------------------------------------------------- */
 
 static uint64_t
@@ -1135,6 +1183,7 @@ bridge_deliver(BridgeObject *b)
             ;
     }
     Py_INCREF(b);
+    b->submitted_since_drain = 0;
     uint64_t count = 0, start = now_ns();
     PyObject *stop = NULL;
     while (b->native != NULL && !atomic_load(&b->native->dead) && fill_backlog(b)) {

@@ -97,6 +97,12 @@ struct BridgeObject {
     /* Taken from the sink, not yet delivered: a drain pass stops after its
      * time budget, or at a KeyboardInterrupt, and the next one goes on. */
     ab_op *backlog;
+    /* A submit of this loop's left the engine's wake to the loop's next
+     * iteration: a flush callback is scheduled (ab_bridge_owe_wake). */
+    int flush_queued;
+    /* This loop submitted since its last delivery: the burst has begun,
+     * and later submits of it leave the engine's wake to the flush. */
+    int submitted_since_drain;
     struct BridgeObject *all_prev, *all_next; /* every bridge */
     PyObject *weakreflist;
 };
@@ -119,7 +125,7 @@ typedef struct {
     PyObject *str_create_future, *str_set_result, *str_set_exception, *str_done,
         *str_cancel, *str_result, *str_call_soon_threadsafe, *str_drain,
         *str_is_closed, *str_create_task, *str_add_done_callback, *str_exception,
-        *str_cancelled;
+        *str_cancelled, *str_call_soon;
     PyObject *str_call_exception_handler, *str_anchor_attr;
     PyObject *warn_unawaited;      /* warnings._warn_unawaited_coroutine */
     PyObject *frame_globals;       /* globals of the ops' synthetic frames */
@@ -223,6 +229,7 @@ void ab_op_py_release(OpPy *py);
 extern PyType_Spec ab_bridge_spec, ab_anchor_spec;
 BridgeObject *ab_bridge_for_running_loop(ab_state *st, PyObject **loop_out);
 void ab_bridge_track(BridgeObject *b, OpPy *py);
+void ab_bridge_owe_wake(BridgeObject *b, ab_state *st, PyObject *loop);
 void ab_bridge_untrack(BridgeObject *b, OpPy *py);
 void ab_courier_set_interpreter(PyInterpreterState *interp);
 /* GIL held: 0, or -1 with an exception set. */

@@ -217,7 +217,7 @@ import_attr(const char *module, const char *name)
     X(ensure_future) X(base_create_future) X(warn_unawaited)                  \
     X(frame_globals) X(codes) X(kw_loop) X(str_create_future) X(str_set_result) \
     X(str_set_exception) X(str_done) X(str_cancel) X(str_cancelled) X(str_result) \
-    X(str_exception) X(str_call_soon_threadsafe) X(str_drain) X(str_is_closed) \
+    X(str_exception) X(str_call_soon_threadsafe) X(str_call_soon) X(str_drain) X(str_is_closed) \
     X(str_create_task) X(str_add_done_callback) X(str_holder_key)             \
     X(str_call_exception_handler) X(str_anchor_attr)
 
@@ -302,6 +302,7 @@ module_exec(PyObject *module)
     INTERN(str_result, "result");
     INTERN(str_exception, "exception");
     INTERN(str_call_soon_threadsafe, "call_soon_threadsafe");
+    INTERN(str_call_soon, "call_soon");
     INTERN(str_drain, "drain");
     INTERN(str_is_closed, "is_closed");
     INTERN(str_create_task, "create_task");

@@ -728,15 +728,20 @@ op_start(OpObject *self, ab_state *st, PyObject **presult)
     if (b == NULL)
         return PYGEN_ERROR;
     fut = ab_bridge_new_future(b, st, loop);
-    Py_DECREF(loop);
-    if (fut == NULL)
+    if (fut == NULL) {
+        Py_DECREF(loop);
         return PYGEN_ERROR;
+    }
     if ((ab_op_type_of(self->op)->flags & AB_TYPE_AWAITS_PYTHON) &&
         (py->context = PyContext_CopyCurrent()) == NULL)
         goto fail;
     if (first_wait(py, fut, presult) < 0)
         goto fail;
-    int rc = ab_submit(self->op, &b->native->sink);
+    /* A burst of submits from this loop wakes the engine once, from the
+     * loop's next iteration; during the interpreter's exit, at once. */
+    int wake_owed = 0;
+    int rc = exiting ? ab_submit(self->op, &b->native->sink)
+                     : ab_submit_deferred(self->op, &b->native->sink, &wake_owed);
     if (rc < 0) {
         abpy_raise(rc, "cannot start the engine");
         Py_CLEAR(*presult);
@@ -751,8 +756,14 @@ op_start(OpObject *self, ab_state *st, PyObject **presult)
         st->exit_ops++;
     }
     self->phase = OP_WAITING;
+    if (wake_owed)
+        ab_bridge_owe_wake(b, st, loop);
+    else
+        b->submitted_since_drain = 1;
+    Py_DECREF(loop);
     return PYGEN_NEXT;
 fail:
+    Py_XDECREF(loop);
     Py_DECREF(fut);
     return PYGEN_ERROR;
 }

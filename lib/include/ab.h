@@ -480,6 +480,18 @@ int ab_blocking_size(void);
  * the op's AB_MSG_FINISHED arrived.  Owner thread.  Returns 0 or a
  * negative error (then nothing was taken). */
 int ab_submit(ab_op *op, ab_sink *sink);
+/* ab_submit for a thread that runs an event loop and submits in bursts
+ * (every task one iteration resumes): where ab_submit would wake a
+ * sleeping engine, this sets *wake_owed to 1 and leaves the wake to the
+ * caller's ab_engine_flush, which it must call soon, e.g. from a callback
+ * of the loop's next iteration, so that a burst wakes the engine once.
+ * The wake is never lost meanwhile: the next ab_submit, cancel or other
+ * immediate post from any thread pays it.  *wake_owed is left alone
+ * otherwise. */
+int ab_submit_deferred(ab_op *op, ab_sink *sink, int *wake_owed);
+/* Wake the engine if a deferred submit left it asleep; cheap otherwise.
+ * Any thread. */
+void ab_engine_flush(void);
 /* Owner thread, after AB_MSG_FINISHED, or when it can never come (the
  * engine went away in a fork): drop the engine's reference.  From then on
  * the op no longer counts as in flight. */

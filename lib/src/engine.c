@@ -7,6 +7,7 @@
  * thread touches the event_base, so libevent needs no locks of its own. */
 #include <fcntl.h>
 #include <math.h>
+#include <sched.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -19,10 +20,14 @@
 
 /* Timers above this many seconds (68 years) wait until cancelled. */
 #define AB__TIMER_MAX 2147483647.0
-/* How long the engine keeps polling its inbox after the last post, and at
- * most in one turn. */
+/* How long the engine may look at its inbox for the next post after a
+ * burst, when spinning pays (see spin_allowed), and how often it looks
+ * again at whether it does. */
 #define AB__SPIN_NS 50000u
-#define AB__TURN_NS 1000000u
+#define AB__SPIN_CHECK_NS 20000000u
+/* Sink notifications held back in one pass over the inbox (more are sent
+ * at once). */
+#define AB__HELD_NOTIFY 16
 #if defined(__x86_64__) || defined(__i386__)
 #define AB__CPU_RELAX() __builtin_ia32_pause()
 #else
@@ -30,6 +35,8 @@
 #endif
 
 enum park_state { PARK_NONE, PARK_ASKED, PARK_PARKED };
+
+static const ab_op_type call_type; /* engine calls, below */
 
 static struct engine {
     pthread_mutex_t start_mu; /* start/stop against each other */
@@ -50,7 +57,22 @@ static struct engine {
     int nsoon, soon_cap;
     struct event soon_ev;
     atomic_int awake; /* the engine looks at the inbox: posters need not wake it */
+    /* A deferred post (ab_submit_deferred) found the engine asleep and left
+     * its wake to ab_engine_flush: the next immediate post or flush pays. */
+    atomic_int wake_owed;
     atomic_int stop_asked;
+
+    /* Engine thread only: sinks that went non-empty during a pass over the
+     * inbox, notified once the pass is done, so that a burst of outcomes
+     * wakes its loop once, with the whole burst ready (and, on one CPU,
+     * the woken loop does not preempt the engine in the middle of it). */
+    int in_pass, nheld, nlast;
+    ab_sink *held[AB__HELD_NOTIFY];
+    /* The sinks notified by the last pass (until a call may retire one). */
+    ab_sink *last[AB__HELD_NOTIFY];
+    /* Spinning pays only with a CPU to spare (spin_allowed). */
+    uint64_t spin_checked_ns;
+    int spin_ok;
 
     /* fork: the engine parks outside libevent while another thread forks */
     pthread_mutex_t park_mu;
@@ -158,8 +180,35 @@ ab__sink_send(ab_op *op, unsigned msg)
                                           __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
     if (old == NULL) {
         atomic_fetch_add_explicit(&S.sink_wakeups, 1, memory_order_relaxed);
-        sink->notify(sink);
+        if (ab__on_engine_thread() && E.in_pass && E.nheld < AB__HELD_NOTIFY)
+            E.held[E.nheld++] = sink;
+        else
+            sink->notify(sink);
     }
+}
+
+/* Engine thread: send the notifications held back in this pass.  Before
+ * anything that may retire a sink (an engine call), and at its end. */
+static void
+notify_held(void)
+{
+    for (int i = 0; i < E.nheld; i++) {
+        E.held[i]->notify(E.held[i]);
+        E.last[i] = E.held[i];
+    }
+    E.nlast = E.nheld;
+    E.nheld = 0;
+}
+
+/* Engine thread: whether the owners took everything the last pass gave
+ * them (then they wait for the engine, rather than run a burst). */
+static int
+last_taken(void)
+{
+    for (int i = 0; i < E.nlast; i++)
+        if (__atomic_load_n(&E.last[i]->head, __ATOMIC_RELAXED) != NULL)
+            return 0;
+    return 1;
 }
 
 static void fds_free(ab_op *op);
@@ -342,12 +391,28 @@ wake_engine(void)
         ;
 }
 
-void
-ab__engine_post(ab_op *op, unsigned bits)
+/* A wake that a deferred post left to its poster's flush: paid by the next
+ * immediate post or flush, whichever comes first. */
+static void
+pay_owed_wake(void)
+{
+    if (atomic_load_explicit(&E.wake_owed, memory_order_relaxed) &&
+        atomic_exchange(&E.wake_owed, 0))
+        wake_engine();
+}
+
+/* Post bits to op.  Returns 1 if the engine sleeps and, `defer` being set,
+ * was not woken: the caller owes ab_engine_flush. */
+static int
+post(ab_op *op, unsigned bits, int defer)
 {
     unsigned old = atomic_fetch_or(&op->pending, bits | AB__QUEUED);
-    if (old & AB__QUEUED)
-        return; /* already on the inbox: the engine will see the new bits */
+    if (old & AB__QUEUED) {
+        /* already on the inbox: the engine will see the new bits */
+        if (!defer)
+            pay_owed_wake();
+        return 0;
+    }
     /* An op waiting for its start, its pool function or its Python await
      * cannot finish, so cannot be collected and freed, before the engine
      * has taken this entry: the engine's own reference covers it.  A
@@ -364,8 +429,28 @@ ab__engine_post(ab_op *op, unsigned bits)
                                           __ATOMIC_RELAXED));
     /* Both seq_cst: either the engine's last look at the inbox (after it
      * cleared `awake`) sees this op, or this load sees awake == 0. */
-    if (head == NULL && !atomic_load(&E.awake))
+    if (head == NULL && !atomic_load(&E.awake)) {
+        if (defer) {
+            atomic_store(&E.wake_owed, 1);
+            return 1;
+        }
         wake_engine();
+    } else if (!defer) {
+        pay_owed_wake();
+    }
+    return 0;
+}
+
+void
+ab__engine_post(ab_op *op, unsigned bits)
+{
+    post(op, bits, 0);
+}
+
+void
+ab_engine_flush(void)
+{
+    pay_owed_wake();
 }
 
 static void
@@ -379,6 +464,47 @@ park_here(void)
     pthread_mutex_unlock(&E.park_mu);
 }
 
+/* Engine thread: whether spinning for the next post pays, looked at again
+ * every AB__SPIN_CHECK_NS.  Only if this thread may run on two CPUs or
+ * more, and fewer threads are runnable on the machine (the kernel's count
+ * in /proc/loadavg, this one included) than it has CPUs: a spin on the
+ * only CPU, or on one that another process's loop needs, takes the time
+ * of the very thread that would post. */
+static int
+spin_allowed(uint64_t now)
+{
+    if (now - E.spin_checked_ns < AB__SPIN_CHECK_NS && E.spin_checked_ns != 0)
+        return E.spin_ok;
+    E.spin_checked_ns = now;
+    E.spin_ok = 0;
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) < 0)
+        return 0;
+    long cpus = CPU_COUNT(&set), online = sysconf(_SC_NPROCESSORS_ONLN);
+    if (online > 0 && online < cpus)
+        cpus = online;
+    if (cpus < 2)
+        return 0;
+    /* Opened each time (every AB__SPIN_CHECK_NS): no fd kept open. */
+    int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    char buf[128];
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    /* "0.12 0.34 0.56 running/total last-pid" */
+    const char *p = buf;
+    for (int field = 0; field < 3 && p != NULL; field++)
+        if ((p = strchr(p, ' ')) != NULL)
+            p++;
+    long running = p != NULL ? strtol(p, NULL, 10) : 0;
+    E.spin_ok = running > 0 && running - 1 < cpus;
+    return E.spin_ok;
+}
+
 /* Take the inbox, oldest first, and dispatch it; 0 if it was empty. */
 static int
 drain_inbox(void)
@@ -388,9 +514,14 @@ drain_inbox(void)
      * from the posting thread on every turn. */
     if (__atomic_load_n(&E.inbox, __ATOMIC_SEQ_CST) == NULL)
         return 0;
+    /* Whatever a deferred post owed is taken with the inbox (a post after
+     * the exchange owes again). */
+    if (atomic_load_explicit(&E.wake_owed, memory_order_relaxed))
+        atomic_store(&E.wake_owed, 0);
     ab_op *lifo = __atomic_exchange_n(&E.inbox, NULL, __ATOMIC_SEQ_CST), *fifo = NULL;
     if (lifo == NULL)
         return 0;
+    E.in_pass = 1;
     while (lifo != NULL) {
         ab_op *next = lifo->inbox_next;
         lifo->inbox_next = fifo;
@@ -402,6 +533,10 @@ drain_inbox(void)
          * poster may push the op again and rewrite it. */
         ab_op *op = fifo, *next = op->inbox_next;
         unsigned ev = atomic_exchange(&op->pending, 0);
+        if (op->type == &call_type) {
+            notify_held(); /* a call may retire a sink */
+            E.nlast = 0;
+        }
         dispatch(op, ev & ~(AB__QUEUED | AB__HOLDS_REF));
         /* The owner cleared its data before letting go (ab_op_release), so a
          * last release here runs no Python. */
@@ -409,6 +544,8 @@ drain_inbox(void)
             ab_op_release(op);
         fifo = next;
     }
+    E.in_pass = 0;
+    notify_held();
     return 1;
 }
 
@@ -429,29 +566,38 @@ on_wake(evutil_socket_t fd, short what, void *arg)
         event_base_loopbreak(E.base);
         return;
     }
-    /* Submissions come in bursts (a loop turn resumes many tasks, each
-     * submitting): keep looking for AB__SPIN_NS after the last post, with
-     * `awake` set, so that the rest of the burst costs no write and no
-     * wake-up.  Timers wait at most that long. */
+    drain_inbox();
+    /* A loop posts a burst (every task its iteration resumed) and wakes the
+     * engine once at its end (ab_engine_flush).  Between bursts, or when
+     * its tasks await one op at a time, the next post comes soon after
+     * the loop took its outcomes: where a CPU is idle, look for it for
+     * AB__SPIN_NS with `awake` set, and take it without a wake-up.  Keep
+     * doing so while each post comes after its owner took what the last
+     * pass gave it (one op at a time).  A post while the last outcomes are
+     * still untaken is a burst under way: sleep, its flush wakes the
+     * engine once for the rest; taking posts one by one as they come
+     * would only spend a CPU beside the loop that makes them.  Timers wait
+     * at most AB__SPIN_NS. */
+    uint64_t now = ab__now_ns();
+    if (!spin_allowed(now))
+        return;
     atomic_store(&E.awake, 1);
-    uint64_t start = ab__now_ns(), until = start + AB__SPIN_NS;
-    for (;;) {
-        /* Back to libevent now and then, so timers and fds never starve
-         * under a steady stream of posts. */
-        uint64_t now = ab__now_ns();
-        if (now - start >= AB__TURN_NS)
+    for (uint64_t until = now + AB__SPIN_NS; (now = ab__now_ns()) < until;) {
+        if (atomic_load(&E.park_asked) || atomic_load(&E.stop_asked))
             break;
-        if (drain_inbox()) {
+        if (__atomic_load_n(&E.inbox, __ATOMIC_RELAXED) != NULL) {
+            int lone = last_taken();
+            drain_inbox();
+            if (!lone)
+                break;
             until = ab__now_ns() + AB__SPIN_NS;
             continue;
         }
-        if (now >= until || atomic_load(&E.park_asked) || atomic_load(&E.stop_asked))
-            break;
         for (int i = 0; i < 64; i++)
             AB__CPU_RELAX();
     }
     atomic_store(&E.awake, 0);
-    drain_inbox(); /* a post that saw `awake` just before it was cleared */
+    drain_inbox(); /* a post that saw `awake` set */
 }
 
 /* Engine-owned ops (no sink, never counted): a function to run on the
@@ -764,8 +910,8 @@ atfork_child(void)
 
 /* ---- the owner's side ------------------------------------------------------- */
 
-int
-ab_submit(ab_op *op, ab_sink *sink)
+static int
+submit(ab_op *op, ab_sink *sink, int *wake_owed)
 {
     if (op->submitted)
         return AB_ESTATE;
@@ -781,8 +927,21 @@ ab_submit(ab_op *op, ab_sink *sink)
     __atomic_store_n(&op->generation, ab_fork_generation(), __ATOMIC_RELAXED);
     atomic_fetch_add_explicit(&op->refs, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&S.submitted, 1, memory_order_relaxed);
-    ab__engine_post(op, AB_EV_START);
+    if (post(op, AB_EV_START, wake_owed != NULL))
+        *wake_owed = 1;
     return 0;
+}
+
+int
+ab_submit(ab_op *op, ab_sink *sink)
+{
+    return submit(op, sink, NULL);
+}
+
+int
+ab_submit_deferred(ab_op *op, ab_sink *sink, int *wake_owed)
+{
+    return submit(op, sink, wake_owed);
 }
 
 void
