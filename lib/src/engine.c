@@ -25,6 +25,7 @@
  * again at whether it does. */
 #define AB__SPIN_NS 50000u
 #define AB__SPIN_CHECK_NS 20000000u
+#define AB__TURN_NS 1000000u
 /* Sink notifications held back in one pass over the inbox (more are sent
  * at once). */
 #define AB__HELD_NOTIFY 16
@@ -470,13 +471,23 @@ park_here(void)
  * in /proc/loadavg, this one included) than it has CPUs: a spin on the
  * only CPU, or on one that another process's loop needs, takes the time
  * of the very thread that would post. */
+static int cpu_spare(void);
+
 static int
 spin_allowed(uint64_t now)
 {
     if (now - E.spin_checked_ns < AB__SPIN_CHECK_NS && E.spin_checked_ns != 0)
         return E.spin_ok;
     E.spin_checked_ns = now;
-    E.spin_ok = 0;
+    E.spin_ok = cpu_spare();
+    return E.spin_ok;
+}
+
+/* 1 if this thread may run on two CPUs or more and fewer threads are
+ * runnable on the machine than it has CPUs, this one included. */
+static int
+cpu_spare(void)
+{
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) < 0)
         return 0;
@@ -501,8 +512,7 @@ spin_allowed(uint64_t now)
         if ((p = strchr(p, ' ')) != NULL)
             p++;
     long running = p != NULL ? strtol(p, NULL, 10) : 0;
-    E.spin_ok = running > 0 && running - 1 < cpus;
-    return E.spin_ok;
+    return running > 0 && running - 1 < cpus;
 }
 
 /* Take the inbox, oldest first, and dispatch it; 0 if it was empty. */
@@ -582,8 +592,11 @@ on_wake(evutil_socket_t fd, short what, void *arg)
     if (!spin_allowed(now))
         return;
     atomic_store(&E.awake, 1);
+    uint64_t turn_end = now + AB__TURN_NS;
     for (uint64_t until = now + AB__SPIN_NS; (now = ab__now_ns()) < until;) {
-        if (atomic_load(&E.park_asked) || atomic_load(&E.stop_asked))
+        /* Back to libevent now and then, so timers and fds never starve
+         * under a steady stream of lone posts. */
+        if (now >= turn_end || atomic_load(&E.park_asked) || atomic_load(&E.stop_asked))
             break;
         if (__atomic_load_n(&E.inbox, __ATOMIC_RELAXED) != NULL) {
             int lone = last_taken();
@@ -593,7 +606,7 @@ on_wake(evutil_socket_t fd, short what, void *arg)
             until = ab__now_ns() + AB__SPIN_NS;
             continue;
         }
-        for (int i = 0; i < 64; i++)
+        for (int i = 0; i < 16; i++)
             AB__CPU_RELAX();
     }
     atomic_store(&E.awake, 0);

@@ -1,0 +1,95 @@
+"""How a loop's submits wake the engine (issue 11).
+
+The first submit after a delivery wakes a sleeping engine at once; the rest
+of a burst (every task one iteration resumed) leave the wake to a flush in
+the loop's next iteration, so a burst wakes the engine once.  An owed wake
+is never lost: the flush, or any other post (a cancel when the loop goes
+away), pays it.
+"""
+
+import asyncio
+import gc
+import time
+
+import pytest
+import uvloop
+
+import asyncio_bridge as ab
+
+from conftest import LOOP_FACTORIES
+
+
+@pytest.mark.asyncio
+async def test_a_burst_wakes_the_engine_about_once():
+    await asyncio.gather(*(ab.nop() for _ in range(100)))  # warm: engine, bridge
+    for _ in range(3):
+        before = ab.stats()
+        await asyncio.gather(*(ab.nop() for _ in range(1000)))
+        after = ab.stats()
+        assert after["completed"] - before["completed"] == 1000
+        # One wake for the first op of the burst, one for the flush of the
+        # rest (none if the engine was looking at its inbox); before issue
+        # 11 it could be one per op that found the engine asleep.
+        assert after["engine_wakeups"] - before["engine_wakeups"] <= 3, (before, after)
+        assert after["wakeups"] - before["wakeups"] <= 4, (before, after)
+
+
+@pytest.mark.asyncio
+async def test_the_first_op_after_a_delivery_starts_while_the_loop_blocks():
+    await ab.nop()  # a delivery: the next submit is the first of its burst
+    before = ab.stats()["completed"]
+    op = ab.sleep(0.001)
+    it = op.__await__()
+    it.send(None)  # submitted; this loop now blocks without iterating
+    end = time.monotonic() + 3
+    while ab.stats()["completed"] == before and time.monotonic() < end:
+        time.sleep(0.001)
+    assert ab.stats()["completed"] == before + 1
+    it.close()
+    await asyncio.sleep(0.05)  # the drain finds the closed op and frees it
+    del it, op
+    gc.collect()
+
+
+def _stop_before_the_flush(loop_name, results, delay):
+    """Tasks submit in one iteration and the loop stops at its end, before
+    the iteration that would flush their wake."""
+    loop = LOOP_FACTORIES[loop_name]()
+
+    async def one(i):
+        results.append(await ab.sleep(delay, i))
+
+    def start():
+        tasks = [loop.create_task(one(i)) for i in range(20)]
+        loop.call_soon(loop.stop)  # after the tasks' first steps
+        start.tasks = tasks
+
+    loop.call_soon(start)
+    loop.run_forever()
+    return loop, start.tasks
+
+
+def test_an_owed_wake_survives_a_loop_that_stops_before_its_flush(loop_name):
+    results = []
+    loop, tasks = _stop_before_the_flush(loop_name, results, 0.01)
+    try:
+        assert ab.stats()["in_flight"] >= 1
+        loop.run_until_complete(asyncio.wait_for(asyncio.gather(*tasks), 5))
+        assert sorted(results) == list(range(20))
+    finally:
+        loop.close()
+
+
+def test_an_owed_wake_is_paid_when_the_loop_closes_instead(loop_name):
+    results = []
+    loop, tasks = _stop_before_the_flush(loop_name, results, 0.2)
+    assert ab.stats()["in_flight"] == 20
+    for task in tasks:
+        task._log_destroy_pending = False
+    loop.close()  # the bridge lets go: its cancels pay the wake
+    del tasks
+    gc.collect()
+    end = time.monotonic() + 3
+    while ab.stats()["in_flight"] and time.monotonic() < end:
+        time.sleep(0.01)
+    assert ab.stats()["in_flight"] == 0
