@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in libevent-dev pkg-config gcc zlib1g-dev ${EXTRA_DEBIAN_PACKAGES:-}; do
+for pkg in libevent-dev pkg-config gcc zlib1g-dev wrk ${EXTRA_DEBIAN_PACKAGES:-}; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -57,6 +57,8 @@ echo "== Benchmark smoke run (figures printed, nothing asserted; the full run is
 python bench/run.py --quick --out "$(mktemp -d)"
 python bench/capi_v2.py --quick
 python bench/resolve.py --quick
+python bench/service.py --quick --out "$(mktemp -d)"
+python bench/loops.py --quick --out "$(mktemp -d)"
 
 echo "== Sanitizers: ASan+UBSan, TSan and valgrind on the C tests; the Python suite under ASan+UBSan"
 bash tools/sanitizers.sh
