@@ -1103,7 +1103,21 @@ ab_bridge_owe_wake(BridgeObject *b, ab_state *st, PyObject *loop)
     PyObject *r = fn != NULL ? PyObject_CallMethodOneArg(loop, st->str_call_soon, fn) : NULL;
     Py_XDECREF(fn);
     if (r == NULL) {
-        PyErr_Clear();
+        /* The op is submitted whatever call_soon says: wake the engine
+         * now.  What call_soon raised is not the submit's failure; but a
+         * signal handler's exception (Ctrl-C arriving inside call_soon's
+         * Python code) must not be lost: KeyboardInterrupt is raised again
+         * at the next check, anything else but an Exception is reported. */
+        PyObject *exc = ab_err_take();
+        if (PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt)) {
+            Py_DECREF(exc);
+            PyErr_SetInterrupt();
+        } else if (!PyErr_GivenExceptionMatches(exc, PyExc_Exception)) {
+            ab_err_raise(exc);
+            PyErr_WriteUnraisable(loop);
+        } else {
+            Py_DECREF(exc);
+        }
         ab_engine_flush();
         return;
     }
