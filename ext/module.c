@@ -114,14 +114,16 @@ py_stats(PyObject *module, PyObject *unused)
     (void)module;
     (void)unused;
     ab_stats_get(&s);
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "submitted",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "submitted",
                          (unsigned long long)s.submitted, "completed",
                          (unsigned long long)s.completed, "cancelled",
                          (unsigned long long)s.cancelled, "in_flight",
                          (unsigned long long)s.in_flight, "wakeups",
                          (unsigned long long)s.sink_wakeups, "engine_wakeups",
                          (unsigned long long)s.engine_wakeups, "largest_batch",
-                         (unsigned long long)s.largest_batch, "pool_queued",
+                         (unsigned long long)s.largest_batch, "engine_spins",
+                         (unsigned long long)s.engine_spins, "engine_spins_paid",
+                         (unsigned long long)s.engine_spins_paid, "pool_queued",
                          (unsigned long long)s.pool_queued, "pool_threads",
                          (unsigned long long)s.pool_threads, "blocking_queued",
                          (unsigned long long)s.blocking_queued, "blocking_threads",

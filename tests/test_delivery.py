@@ -7,7 +7,8 @@ import pytest
 
 import asyncio_bridge as ab
 
-STATS_KEYS = ("submitted", "completed", "cancelled", "in_flight", "wakeups", "largest_batch")
+STATS_KEYS = ("submitted", "completed", "cancelled", "in_flight", "wakeups", "largest_batch",
+              "engine_wakeups", "engine_spins", "engine_spins_paid")
 
 
 def readers(loop):

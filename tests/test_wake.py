@@ -36,6 +36,28 @@ async def test_a_burst_wakes_the_engine_about_once():
 
 
 @pytest.mark.asyncio
+async def test_spins_that_keep_timing_out_stop():
+    """Lone ops 300 us apart: a spin of the engine for the next post (50 us)
+    would time out every time.  Before the spinner learnt, the engine spun
+    after every op; it now backs off after two misses in a row, up to 64
+    waits, and spins again only when a post comes soon (tests/c/test_spin.c
+    has the rule itself).  Where no CPU is spare it never spins at all."""
+    await ab.nop()
+    before = ab.stats()
+    n = 400
+    for _ in range(n):
+        end = time.perf_counter() + 300e-6
+        while time.perf_counter() < end:
+            pass
+        await ab.nop()
+    after = ab.stats()
+    spins = after["engine_spins"] - before["engine_spins"]
+    paid = after["engine_spins_paid"] - before["engine_spins_paid"]
+    assert after["completed"] - before["completed"] == n
+    assert 0 <= paid <= spins < n // 4, (spins, paid)
+
+
+@pytest.mark.asyncio
 async def test_the_first_op_after_a_delivery_starts_while_the_loop_blocks():
     await ab.nop()  # a delivery: the next submit is the first of its burst
     before = ab.stats()["completed"]

@@ -545,6 +545,8 @@ void ab_dns_stats(uint64_t waiting[2], uint64_t queries[2]);
 typedef struct ab_stats {
     uint64_t submitted, completed, cancelled, in_flight;
     uint64_t engine_wakeups, sink_wakeups, largest_batch;
+    /* The engine's spins for the next post, and those a post came in. */
+    uint64_t engine_spins, engine_spins_paid;
     /* Pool functions queued and not yet taken by a worker; threads. */
     uint64_t pool_queued, pool_threads, blocking_queued, blocking_threads;
 } ab_stats;

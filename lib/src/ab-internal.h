@@ -193,6 +193,27 @@ void ab__sink_send(ab_op *op, unsigned msg);
 void ab__soon(ab_op *op, unsigned why);
 void ab__set_wait(ab_op *op, enum ab__wait wait);
 /* timers.c, engine thread */
+/* ---- spinning for work ------------------------------------------------------- */
+
+/* Whether a thread that waits for work (the engine) should
+ * spin for the next piece rather than sleep: only with a CPU to spare, and
+ * only while its spins pay (spin.c).  One per thread, zero-initialised,
+ * used by that thread only. */
+typedef struct ab__spinner {
+    uint64_t spare_checked_ns, slept_ns;
+    int spare, skip, backoff, misses;
+} ab__spinner;
+
+/* 1 if the thread should spin now, at most for its window. */
+int ab__spin_begin(ab__spinner *s);
+/* After a spin: whether work came within it. */
+void ab__spin_end(ab__spinner *s, int paid);
+/* The thread goes to sleep (spun or not), and is woken by work: how soon
+ * the work came teaches the spinner whether a spin of window_ns would have
+ * paid. */
+void ab__spin_sleep(ab__spinner *s);
+void ab__spin_woken(ab__spinner *s, uint64_t window_ns);
+
 uint64_t ab__now_ns(void);
 int ab__timers_start(struct event_base *base, void (*fire)(ab_op *op));
 void ab__timers_stop(void);

@@ -21,10 +21,9 @@
 /* Timers above this many seconds (68 years) wait until cancelled. */
 #define AB__TIMER_MAX 2147483647.0
 /* How long the engine may look at its inbox for the next post after a
- * burst, when spinning pays (see spin_allowed), and how often it looks
- * again at whether it does. */
+ * burst, when spinning pays (spin.c), and how long it may keep taking lone
+ * posts before it goes back to libevent. */
 #define AB__SPIN_NS 50000u
-#define AB__SPIN_CHECK_NS 20000000u
 #define AB__TURN_NS 1000000u
 /* Sink notifications held back in one pass over the inbox (more are sent
  * at once). */
@@ -71,9 +70,8 @@ static struct engine {
     ab_sink *held[AB__HELD_NOTIFY];
     /* The sinks notified by the last pass (until a call may retire one). */
     ab_sink *last[AB__HELD_NOTIFY];
-    /* Spinning pays only with a CPU to spare (spin_allowed). */
-    uint64_t spin_checked_ns;
-    int spin_ok;
+    /* Whether spinning for the next post pays (spin.c). */
+    ab__spinner spinner;
 
     /* fork: the engine parks outside libevent while another thread forks */
     pthread_mutex_t park_mu;
@@ -92,6 +90,7 @@ static struct engine {
 static struct {
     _Alignas(64) atomic_uint_fast64_t submitted, in_flight, largest_batch; /* owners */
     _Alignas(64) atomic_uint_fast64_t completed, cancelled, sink_wakeups;  /* engine */
+    atomic_uint_fast64_t spins, spins_paid;                                /* engine */
     _Alignas(64) atomic_uint_fast64_t engine_wakeups;                     /* posters */
 } S;
 
@@ -146,6 +145,8 @@ ab_stats_get(ab_stats *out)
     out->engine_wakeups = atomic_load(&S.engine_wakeups);
     out->sink_wakeups = atomic_load(&S.sink_wakeups);
     out->largest_batch = atomic_load(&S.largest_batch);
+    out->engine_spins = atomic_load(&S.spins);
+    out->engine_spins_paid = atomic_load(&S.spins_paid);
     ab__pool_stats(out);
 }
 
@@ -465,56 +466,6 @@ park_here(void)
     pthread_mutex_unlock(&E.park_mu);
 }
 
-/* Engine thread: whether spinning for the next post pays, looked at again
- * every AB__SPIN_CHECK_NS.  Only if this thread may run on two CPUs or
- * more, and fewer threads are runnable on the machine (the kernel's count
- * in /proc/loadavg, this one included) than it has CPUs: a spin on the
- * only CPU, or on one that another process's loop needs, takes the time
- * of the very thread that would post. */
-static int cpu_spare(void);
-
-static int
-spin_allowed(uint64_t now)
-{
-    if (now - E.spin_checked_ns < AB__SPIN_CHECK_NS && E.spin_checked_ns != 0)
-        return E.spin_ok;
-    E.spin_checked_ns = now;
-    E.spin_ok = cpu_spare();
-    return E.spin_ok;
-}
-
-/* 1 if this thread may run on two CPUs or more and fewer threads are
- * runnable on the machine than it has CPUs, this one included. */
-static int
-cpu_spare(void)
-{
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) < 0)
-        return 0;
-    long cpus = CPU_COUNT(&set), online = sysconf(_SC_NPROCESSORS_ONLN);
-    if (online > 0 && online < cpus)
-        cpus = online;
-    if (cpus < 2)
-        return 0;
-    /* Opened each time (every AB__SPIN_CHECK_NS): no fd kept open. */
-    int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    char buf[128];
-    ssize_t n = read(fd, buf, sizeof(buf) - 1);
-    close(fd);
-    if (n <= 0)
-        return 0;
-    buf[n] = '\0';
-    /* "0.12 0.34 0.56 running/total last-pid" */
-    const char *p = buf;
-    for (int field = 0; field < 3 && p != NULL; field++)
-        if ((p = strchr(p, ' ')) != NULL)
-            p++;
-    long running = p != NULL ? strtol(p, NULL, 10) : 0;
-    return running > 0 && running - 1 < cpus;
-}
-
 /* Take the inbox, oldest first, and dispatch it; 0 if it was empty. */
 static int
 drain_inbox(void)
@@ -576,23 +527,27 @@ on_wake(evutil_socket_t fd, short what, void *arg)
         event_base_loopbreak(E.base);
         return;
     }
+    ab__spin_woken(&E.spinner, AB__SPIN_NS);
     drain_inbox();
     /* A loop posts a burst (every task its iteration resumed) and wakes the
      * engine once at its end (ab_engine_flush).  Between bursts, or when
      * its tasks await one op at a time, the next post comes soon after
-     * the loop took its outcomes: where a CPU is idle, look for it for
-     * AB__SPIN_NS with `awake` set, and take it without a wake-up.  Keep
-     * doing so while each post comes after its owner took what the last
-     * pass gave it (one op at a time).  A post while the last outcomes are
-     * still untaken is a burst under way: sleep, its flush wakes the
-     * engine once for the rest; taking posts one by one as they come
-     * would only spend a CPU beside the loop that makes them.  Timers wait
-     * at most AB__SPIN_NS. */
-    uint64_t now = ab__now_ns();
-    if (!spin_allowed(now))
+     * the loop took its outcomes: where spinning pays (a CPU is idle, and
+     * recent spins caught posts: spin.c), look for it for AB__SPIN_NS with
+     * `awake` set, and take it without a wake-up.  Keep doing so while
+     * each post comes after its owner took what the last pass gave it (one
+     * op at a time).  A post while the last outcomes are still untaken is
+     * a burst under way: sleep, its flush wakes the engine once for the
+     * rest; taking posts one by one as they come would only spend a CPU
+     * beside the loop that makes them.  Timers wait at most AB__SPIN_NS. */
+    if (!ab__spin_begin(&E.spinner)) {
+        ab__spin_sleep(&E.spinner);
         return;
+    }
+    atomic_fetch_add_explicit(&S.spins, 1, memory_order_relaxed);
     atomic_store(&E.awake, 1);
-    uint64_t turn_end = now + AB__TURN_NS;
+    int paid = 0;
+    uint64_t now = ab__now_ns(), turn_end = now + AB__TURN_NS;
     for (uint64_t until = now + AB__SPIN_NS; (now = ab__now_ns()) < until;) {
         /* Back to libevent now and then, so timers and fds never starve
          * under a steady stream of lone posts. */
@@ -601,6 +556,7 @@ on_wake(evutil_socket_t fd, short what, void *arg)
         if (__atomic_load_n(&E.inbox, __ATOMIC_RELAXED) != NULL) {
             int lone = last_taken();
             drain_inbox();
+            paid = 1;
             if (!lone)
                 break;
             until = ab__now_ns() + AB__SPIN_NS;
@@ -610,7 +566,11 @@ on_wake(evutil_socket_t fd, short what, void *arg)
             AB__CPU_RELAX();
     }
     atomic_store(&E.awake, 0);
+    if (paid)
+        atomic_fetch_add_explicit(&S.spins_paid, 1, memory_order_relaxed);
+    ab__spin_end(&E.spinner, paid);
     drain_inbox(); /* a post that saw `awake` set */
+    ab__spin_sleep(&E.spinner);
 }
 
 /* Engine-owned ops (no sink, never counted): a function to run on the
