@@ -44,6 +44,17 @@ def open_fds():
     return set(os.listdir("/proc/self/fd"))
 
 
+def describe_fds(fds):
+    """What each fd number is, for a failure's message."""
+    out = {}
+    for fd in sorted(fds, key=int):
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as e:
+            out[fd] = f"gone ({e.strerror})"
+    return out
+
+
 def wait_until(predicate, deadline=3.0):
     end = time.monotonic() + deadline
     while not predicate() and time.monotonic() < end:
@@ -298,7 +309,7 @@ def test_close_releases_every_fd(new_loop, in_flight):
         loop.set_exception_handler(lambda loop, ctx: None)
         loop.close()
         loops.append(loop)  # still referenced
-    assert wait_until(lambda: open_fds() <= before, 1.0), len(open_fds() - before)
+    assert wait_until(lambda: open_fds() <= before, 1.0), describe_fds(open_fds() - before)
     assert wait_until(lambda: ab.stats()["in_flight"] == 0)
     # With call_soon_threadsafe delivery the courier finds the closes (it
     # polls is_closed(), every 0.25 s): nothing holds an fd meanwhile.
