@@ -37,6 +37,8 @@ import tracemalloc
 import zlib
 from pathlib import Path
 
+from machine import cpu_model  # bench/machine.py: this script's folder is on sys.path
+
 try:
     import uvloop
 except ImportError:
@@ -90,16 +92,6 @@ def loop_factories() -> dict[str, object]:
     if uvloop is not None:
         factories["uvloop"] = uvloop.new_event_loop
     return factories
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_description(bridge) -> dict:

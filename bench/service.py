@@ -99,6 +99,8 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+from machine import cpu_model  # bench/machine.py: this script's folder is on sys.path
+
 SCRIPT = Path(__file__).resolve()
 
 HOST = "127.0.0.1"
@@ -800,16 +802,6 @@ def render_table(results) -> str:
 # --------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def version_of(module_name: str) -> str | None:
     try:
