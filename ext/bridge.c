@@ -44,6 +44,7 @@ static struct courier {
     pthread_mutex_t ctl_mu;
     pthread_t thread;
     enum courier_state state;
+    pid_t tid; /* the courier thread's, for ab_thread_wait_gone */
     int stop;
     bridge_native *wake_list;
     atomic_int watched;      /* open bridges whose close only a poll finds */
@@ -517,6 +518,7 @@ courier_main(void *arg)
 {
     (void)arg;
     pthread_setname_np(pthread_self(), "ab-courier");
+    C.tid = gettid(); /* read by the joiner after pthread_join */
     PyThreadState *ts = NULL;
     struct timespec next_poll, idle_since = {0, 0};
     clock_gettime(CLOCK_MONOTONIC, &next_poll);
@@ -613,6 +615,7 @@ courier_join(void)
 {
     Py_BEGIN_ALLOW_THREADS
     pthread_join(C.thread, NULL);
+    ab_thread_wait_gone(C.tid);
     Py_END_ALLOW_THREADS
     pthread_mutex_lock(&C.mu);
     C.state = COURIER_OFF;

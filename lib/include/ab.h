@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -466,6 +467,14 @@ int ab_engine_stop_if_idle(void);
  * 0 again.  For an owner that goes away for good with ops in flight (an
  * interpreter that ends). */
 void ab_engine_abandon(void);
+/* After pthread_join of one of the library's threads (tid: its gettid()),
+ * wait, at most 100 ms, until the kernel no longer counts it in the
+ * process.  A joined thread is still counted in /proc/self/stat for a
+ * moment after pthread_join returns (the kernel clears its tid before it
+ * leaves the thread group), and os.fork() (3.12+) warns of a
+ * multi-threaded process by that count: the pre-fork stop must leave no
+ * thread behind. */
+void ab_thread_wait_gone(pid_t tid);
 /* Number of worker pool threads; 0 means the CPU count.  Takes effect at
  * the next start of the pool (the pool starts on first use). */
 int ab_pool_configure(int workers);

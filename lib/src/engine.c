@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -78,6 +79,7 @@ static struct engine {
     pthread_cond_t park_cv;
     enum park_state park;
     atomic_int park_asked;
+    pid_t tid; /* the engine thread's, for ab_thread_wait_gone */
 } E = {
     .start_mu = PTHREAD_MUTEX_INITIALIZER,
     .wake_fd = -1,
@@ -637,11 +639,24 @@ silent_log(int severity, const char *msg)
     (void)msg;
 }
 
+void
+ab_thread_wait_gone(pid_t tid)
+{
+    if (tid <= 0)
+        return;
+    /* Until the kernel releases the thread, its tid still names a task of
+     * this process (tgkill with no signal: 0, then ESRCH). */
+    struct timespec pause = {0, 20000}; /* 20 us */
+    for (int i = 0; i < 5000 && syscall(SYS_tgkill, getpid(), tid, 0) == 0; i++)
+        nanosleep(&pause, NULL);
+}
+
 static void *
 engine_main(void *arg)
 {
     (void)arg;
     pthread_setname_np(pthread_self(), "ab-engine");
+    E.tid = gettid(); /* read by the joiner after pthread_join */
     event_base_loop(E.base, EVLOOP_NO_EXIT_ON_EMPTY);
     return NULL;
 }
@@ -764,6 +779,7 @@ stop_locked(void)
     atomic_store(&E.stop_asked, 1);
     wake_engine();
     pthread_join(E.thread, NULL);
+    ab_thread_wait_gone(E.tid);
     __atomic_store_n(&E.running, 0, __ATOMIC_RELEASE);
 }
 

@@ -31,6 +31,7 @@ struct worker {
     pthread_t thread;
     int leave; /* told to leave (a stop, or the pool shrank) */
     int left;  /* returned from worker_main: join it */
+    pid_t tid; /* its gettid(), for ab_thread_wait_gone */
     struct worker *next;
 };
 
@@ -77,6 +78,7 @@ worker_main(void *arg)
     struct worker *self = arg;
     struct pool *p = self->pool;
     pthread_setname_np(pthread_self(), p->name);
+    self->tid = gettid(); /* read by the joiner after pthread_join */
 #ifdef __linux__
     /* A CPU worker yields the CPU to the threads that run event loops:
      * with every core busy in the pool, a loop still wakes up on time.
@@ -143,6 +145,7 @@ join_all(struct worker *list)
     while (list != NULL) {
         struct worker *next = list->next;
         pthread_join(list->thread, NULL);
+        ab_thread_wait_gone(list->tid);
         free(list);
         list = next;
     }
