@@ -1,0 +1,240 @@
+/* opmem.c: the memory of ops, on 64-byte boundaries and kept for reuse.
+ *
+ * An op goes from the thread that makes it to the engine and back: every
+ * cache line the engine writes moves between two cores twice.  The fields
+ * the engine writes for every op are the first 64 bytes of its header
+ * (struct ab_op), and an op starts on a 64-byte boundary, so that is one
+ * line.  glibc's malloc gives 16-byte boundaries, and at a thousand ops in
+ * flight its per-thread cache (7 blocks a size) is always empty: every op
+ * took its slow paths.
+ *
+ * Blocks come in classes of 64-byte multiples up to AB__OPMEM_MAX (an op
+ * of 248 bytes, the common size, takes 256, as malloc's chunk for it did);
+ * larger ops use calloc.  Each thread keeps two magazines of free blocks
+ * a class (arrays of AB__OPMEM_MAG addresses, as in Bonwick's magazine
+ * allocator): it allocates from one and frees into it, swaps in the other
+ * when it runs out or fills, and only then exchanges a whole magazine with
+ * a shared depot, in one step under a lock.  A new slab of AB__OPMEM_SLAB
+ * blocks is carved only when the depot has none.  A thread that ends hands
+ * its magazines over.  Slabs are never returned to the system: a process
+ * keeps the memory of its largest number of ops in flight, for the next
+ * burst.
+ *
+ * Built with AB_OP_CACHE=0, or under AddressSanitizer, every op is its own
+ * calloc, so that a use after free is found. */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ab-internal.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define AB__OP_CACHE_DEFAULT 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define AB__OP_CACHE_DEFAULT 0
+#endif
+#endif
+#ifndef AB__OP_CACHE_DEFAULT
+#define AB__OP_CACHE_DEFAULT 1
+#endif
+#ifndef AB_OP_CACHE
+#define AB_OP_CACHE AB__OP_CACHE_DEFAULT
+#endif
+
+#define AB__OPMEM_LINE 64
+#define AB__OPMEM_MAX 512 /* the largest class, bytes */
+#define AB__OPMEM_CLASSES (AB__OPMEM_MAX / AB__OPMEM_LINE + 1)
+#define AB__OPMEM_MAG 128 /* blocks in a magazine */
+#define AB__OPMEM_SLAB 64 /* blocks carved at once */
+
+/* A magazine: free blocks by address, so that moving them between a
+ * thread and the depot is one pointer, and never touches the blocks. */
+struct mag {
+    struct mag *next; /* in the depot */
+    unsigned n;
+    void *slot[AB__OPMEM_MAG];
+};
+
+/* Shared by every thread, under depot_mu: magazines with blocks (full, or
+ * partly full from a thread that ended), and empty ones. */
+static pthread_mutex_t depot_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct mag *depot_full[AB__OPMEM_CLASSES], *depot_empty;
+
+/* This thread's two magazines a class (allocation takes from cur, then
+ * swaps in prev; so does freeing), and whether its exit hands them over. */
+static __thread struct mag *cur[AB__OPMEM_CLASSES], *prev[AB__OPMEM_CLASSES];
+static __thread int registered;
+static pthread_key_t exit_key;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+/* depot_mu held. */
+static void
+depot_put(int c, struct mag *m)
+{
+    if (m == NULL)
+        return;
+    if (m->n > 0) {
+        m->next = depot_full[c];
+        depot_full[c] = m;
+    } else {
+        m->next = depot_empty;
+        depot_empty = m;
+    }
+}
+
+/* A thread that used ops ends: its magazines go to the depot. */
+static void
+thread_ends(void *unused)
+{
+    (void)unused;
+    pthread_mutex_lock(&depot_mu);
+    for (int c = 0; c < AB__OPMEM_CLASSES; c++) {
+        depot_put(c, cur[c]);
+        depot_put(c, prev[c]);
+        cur[c] = prev[c] = NULL;
+    }
+    pthread_mutex_unlock(&depot_mu);
+}
+
+/* fork: the child's only thread must find the depot unlocked and whole. */
+static void
+atfork_prepare(void)
+{
+    pthread_mutex_lock(&depot_mu);
+}
+
+static void
+atfork_release(void)
+{
+    pthread_mutex_unlock(&depot_mu);
+}
+
+static void
+init_once(void)
+{
+    pthread_key_create(&exit_key, thread_ends);
+    pthread_atfork(atfork_prepare, atfork_release, atfork_release);
+}
+
+static void
+register_thread(void)
+{
+    if (registered)
+        return;
+    pthread_once(&once, init_once);
+    /* Any non-NULL value makes the destructor run at thread exit. */
+    pthread_setspecific(exit_key, &registered);
+    registered = 1;
+}
+
+static struct mag *
+mag_new(void)
+{
+    struct mag *m = malloc(sizeof(*m));
+    if (m != NULL) {
+        m->next = NULL;
+        m->n = 0;
+    }
+    return m;
+}
+
+/* cur[c] and prev[c] are empty (or missing): give this thread a magazine
+ * with blocks, from the depot or from a new slab.  0, or -1 without
+ * memory. */
+static int
+refill(int c)
+{
+    register_thread();
+    pthread_mutex_lock(&depot_mu);
+    struct mag *full = depot_full[c];
+    if (full != NULL) {
+        depot_full[c] = full->next;
+        depot_put(c, cur[c]);
+        cur[c] = full;
+    }
+    pthread_mutex_unlock(&depot_mu);
+    if (full != NULL)
+        return 0;
+    if (cur[c] == NULL && (cur[c] = mag_new()) == NULL)
+        return -1;
+    size_t size = (size_t)c * AB__OPMEM_LINE;
+    char *slab = aligned_alloc(AB__OPMEM_LINE, size * AB__OPMEM_SLAB);
+    if (slab == NULL)
+        return -1;
+    /* Carved so that the lowest address goes out first. */
+    for (int i = AB__OPMEM_SLAB - 1; i >= 0; i--)
+        cur[c]->slot[cur[c]->n++] = slab + (size_t)i * size;
+    return 0;
+}
+
+/* cur[c] and prev[c] are full (or missing): give this thread an empty
+ * magazine, handing the full prev to the depot.  0, or -1 without
+ * memory. */
+static int
+make_room(int c)
+{
+    register_thread();
+    pthread_mutex_lock(&depot_mu);
+    struct mag *empty = depot_empty;
+    if (empty != NULL)
+        depot_empty = empty->next;
+    depot_put(c, prev[c]);
+    prev[c] = NULL;
+    pthread_mutex_unlock(&depot_mu);
+    if (empty == NULL && (empty = mag_new()) == NULL)
+        return -1;
+    prev[c] = cur[c];
+    cur[c] = empty;
+    return 0;
+}
+
+static int
+class_of(size_t size)
+{
+    return (int)((size + AB__OPMEM_LINE - 1) / AB__OPMEM_LINE);
+}
+
+void *
+ab__opmem_alloc(size_t size)
+{
+    if (!AB_OP_CACHE || size > AB__OPMEM_MAX)
+        return calloc(1, size);
+    int c = class_of(size);
+    struct mag *m = cur[c];
+    if (m == NULL || m->n == 0) {
+        if (prev[c] != NULL && prev[c]->n > 0) {
+            cur[c] = prev[c];
+            prev[c] = m;
+        } else if (refill(c) < 0) {
+            return NULL;
+        }
+        m = cur[c];
+    }
+    void *p = m->slot[--m->n];
+    memset(p, 0, size);
+    return p;
+}
+
+void
+ab__opmem_free(void *p, size_t size)
+{
+    if (!AB_OP_CACHE || size > AB__OPMEM_MAX) {
+        free(p);
+        return;
+    }
+    int c = class_of(size);
+    struct mag *m = cur[c];
+    if (m == NULL || m->n == AB__OPMEM_MAG) {
+        if (prev[c] != NULL && prev[c]->n < AB__OPMEM_MAG) {
+            cur[c] = prev[c];
+            prev[c] = m;
+        } else if (make_room(c) < 0) {
+            /* No memory for a magazine: the block is lost to reuse (it
+             * came from a slab, so free() cannot take it). */
+            return;
+        }
+        m = cur[c];
+    }
+    m->slot[m->n++] = p;
+}
