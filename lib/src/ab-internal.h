@@ -192,9 +192,7 @@ void ab__sink_send(ab_op *op, unsigned msg);
  * (engine thread); skipped if it resumes otherwise first. */
 void ab__soon(ab_op *op, unsigned why);
 void ab__set_wait(ab_op *op, enum ab__wait wait);
-/* timers.c, engine thread */
-/* ---- spinning for work ------------------------------------------------------- */
-
+/* spin.c, the engine thread */
 /* Whether a thread that waits for work (the engine) should
  * spin for the next piece rather than sleep: only with a CPU to spare, and
  * only while its spins pay (spin.c).  One per thread, zero-initialised,
@@ -214,6 +212,7 @@ void ab__spin_end(ab__spinner *s, int paid);
 void ab__spin_sleep(ab__spinner *s);
 void ab__spin_woken(ab__spinner *s, uint64_t window_ns);
 
+/* timers.c, engine thread */
 uint64_t ab__now_ns(void);
 int ab__timers_start(struct event_base *base, void (*fire)(ab_op *op));
 void ab__timers_stop(void);

@@ -7,7 +7,6 @@
  * thread touches the event_base, so libevent needs no locks of its own. */
 #include <fcntl.h>
 #include <math.h>
-#include <sched.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
