@@ -45,6 +45,7 @@ struct pool {
     int queued;  /* ops on the queue */
     int on_demand; /* start threads only when no worker is idle */
     int nice;
+    int ncpu;    /* CPUs online, read when the pool starts or is configured */
     const char *name;
     struct worker *workers;
 };
@@ -63,13 +64,21 @@ static struct pool B = {
     .name = "ab-blocking",
 };
 
+/* With p->mu held.  sysconf reads a file in /sys (three system calls):
+ * once per start or configure, not per op. */
+static void
+count_cpus(struct pool *p)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    p->ncpu = n > 0 ? (int)n : 1;
+}
+
 static int
 wanted(const struct pool *p)
 {
     if (p->target > 0)
         return p->target;
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n > 0 ? (int)n : 1;
+    return p->ncpu > 0 ? p->ncpu : 1;
 }
 
 static void *
@@ -156,10 +165,14 @@ join_all(struct worker *list)
 static int
 grow(struct pool *p)
 {
+    if (p->threads == 0)
+        count_cpus(p);
+    int rc = 0;
+    if (p->threads >= wanted(p) || (p->on_demand && p->idle >= p->queued))
+        return 0; /* the common case: no thread to start */
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    int rc = 0;
     while (p->threads < wanted(p) && (!p->on_demand || p->idle < p->queued)) {
         struct worker *w = calloc(1, sizeof(*w));
         if (w == NULL) {
@@ -187,6 +200,7 @@ configure(struct pool *p, int workers)
 {
     pthread_mutex_lock(&p->mu);
     p->target = workers;
+    count_cpus(p);
     int rc = p->threads > 0 && !p->on_demand ? grow(p) : 0;
     pthread_cond_broadcast(&p->cv); /* let extra workers leave */
     struct worker *left = take_left(p);
@@ -199,6 +213,8 @@ static int
 size_of(struct pool *p)
 {
     pthread_mutex_lock(&p->mu);
+    if (p->threads == 0)
+        count_cpus(p);
     int n = wanted(p);
     pthread_mutex_unlock(&p->mu);
     return n;
