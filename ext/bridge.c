@@ -60,7 +60,7 @@ static pthread_once_t courier_once = PTHREAD_ONCE_INIT;
 
 static PyObject *bridge_deliver(BridgeObject *b);
 
-/* ---- notify: engine thread, never the GIL --------------------------------- */
+/* ---- notify: engine thread or a work op's worker, never the GIL ------------ */
 
 static void
 courier_enqueue(bridge_native *n)
@@ -112,7 +112,8 @@ native_unref(bridge_native *n)
     free(n);
 }
 
-/* Runs on the engine thread once no notify can touch n any more. */
+/* Runs on the engine thread once no notify can touch n any more (the engine
+ * call waits for work ops' workers: engine.c's run_call). */
 static void
 native_free(ab_sink *sink)
 {

@@ -574,7 +574,7 @@ def test_fork_child_gets_a_fresh_resolver(dns, run_script, tmp_path):
     assert "parent again 10.9.9.9" in proc.stdout
 
 
-# ---- the C API (version 3): ab_await_dns from a third-party op ----------------------------
+# ---- the C API (version 3): ab_await_dns from a third-party op, built for version 3 ---------
 
 
 @pytest.mark.asyncio
@@ -604,7 +604,7 @@ async def test_c_api_lookups(v3ops, files, dns, settled):
     assert stats["lookups_evdns"] == 0
 
 
-def test_module_built_for_version_2_runs_with_version_3(v2ops):
+def test_module_built_for_version_2_runs_with_a_later_library(v2ops):
     # abr_v2ops.c is built against the released version-2 headers.
     assert asyncio.run(v2ops.signal_later(0.01, 7)) == 7
 

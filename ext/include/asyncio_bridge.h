@@ -28,13 +28,16 @@ extern "C" {
 #endif
 
 /* Version 2 added waking from any thread, fd sets, the blocking pool and
- * streams; version 3, name lookups (ab_await_dns).  Each table is the
+ * streams; version 3, name lookups (ab_await_dns); version 4, work ops
+ * (ab_op_type.flags AB_TYPE_WORK, AB_TYPE_BLOCKING: no new call, but an
+ * older asyncio_bridge would run such a step on its engine thread, so a
+ * module that uses them needs 4).  Each table is the
  * last one's with calls appended: a module built for version N runs with
  * any asyncio_bridge that provides N or later.  The capsule keeps the name
  * it got in version 2, whose modules accept any later version; modules
  * built against the version-1 header import "asyncio_bridge._ext._C_API",
  * which keeps saying version 1 for them. */
-#define ASYNCIO_BRIDGE_CAPI_VERSION 3
+#define ASYNCIO_BRIDGE_CAPI_VERSION 4
 #define ASYNCIO_BRIDGE_CAPSULE "asyncio_bridge._ext._C_API_v2"
 
 /* ---- Python side (GIL held) ------------------------------------------------ */

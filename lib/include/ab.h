@@ -100,15 +100,31 @@ enum {
     /* The op may call ab_await_python: the caller's contextvars context is
      * captured when it starts, to run the Python awaitables in. */
     AB_TYPE_AWAITS_PYTHON = 1u << 0,
+    /* A work op: its step is one call on a worker of the CPU pool, made
+     * without the engine thread.  ab_submit queues the op on the pool
+     * directly; a worker runs the step once (ab_op_event says AB_EV_START)
+     * without the GIL, the step finishes the op there (ab_return_*,
+     * ab_fail: it may not await; suspending fails the op with AB_ESTATE),
+     * and the worker hands the outcome to the sink itself.  So a call of
+     * CPU-heavy C goes loop -> worker -> loop, where a step that awaits
+     * ab_await_work goes loop -> engine -> worker -> engine -> loop.  A
+     * cancel before a worker took the op skips the step (the op fails with
+     * -ECANCELED); a cancel while it runs turns ab_work_cancelled(op) to 1,
+     * and the op fails with -ECANCELED whatever the step returned.
+     * cleanup runs on the worker.  Not for streams.  C API version 4. */
+    AB_TYPE_WORK = 1u << 1,
+    /* As AB_TYPE_WORK, on the blocking pool (ab_await_blocking's). */
+    AB_TYPE_BLOCKING = 1u << 2,
 };
 
 typedef struct ab_op_type {
     const char *name;  /* shown in repr() and in "was never awaited" */
     size_t state_size; /* bytes of zeroed state allocated with each op */
     unsigned flags;    /* AB_TYPE_* */
-    ab_step_fn step;   /* engine thread */
-    /* Exactly once per op, after its last step: on the engine thread if the
-     * op was ever started, else on the thread that drops it.  May be NULL. */
+    ab_step_fn step;   /* engine thread (a work op's: a pool thread) */
+    /* Exactly once per op, after its last step: on the engine thread (a
+     * work op's worker) if the op was ever started, else on the thread that
+     * drops it.  May be NULL. */
     void (*cleanup)(ab_op *op);
     /* For AB_RESULT_CUSTOM; may be NULL otherwise. */
     struct _object *(*to_python)(ab_op *op);
@@ -170,7 +186,8 @@ int ab_fail_msg(ab_op *op, int err, const char *fmt, ...)
 
 /* ---- inside a step: suspending ----------------------------------------- */
 /* Each arms one wait and returns 0, or a negative error (then nothing is
- * armed).  The step must then return AB_SUSPEND; the AB_AWAIT macro does. */
+ * armed; AB_ESTATE in a work op's step, which cannot wait).  The step must
+ * then return AB_SUSPEND; the AB_AWAIT macro does. */
 
 /* A timer; seconds < 0 counts as 0, infinity or beyond the timer's range
  * waits until cancelled. */
@@ -412,7 +429,7 @@ unsigned ab_sink_msgs(ab_op *op);
 /* ---- streams: the owner's side ---------------------------------------------- */
 
 /* Make `op` a stream whose consumer buffers at most max_buffered (>= 1)
- * items; before ab_submit.  0, or -ENOMEM. */
+ * items; before ab_submit.  0, or -ENOMEM, or -EINVAL for a work op. */
 int ab_op_set_stream(ab_op *op, int max_buffered);
 typedef struct ab_item ab_item;
 /* Owner thread: the items emitted since the last call, oldest first (walk
@@ -484,10 +501,11 @@ int ab_pool_size(void);
 int ab_blocking_configure(int threads);
 int ab_blocking_size(void);
 
-/* Start `op` on the engine; its outcome goes to `sink`.  Takes a second
- * reference, the engine's, which the owner drops with ab_op_collect once
- * the op's AB_MSG_FINISHED arrived.  Owner thread.  Returns 0 or a
- * negative error (then nothing was taken). */
+/* Start `op` on the engine (a work op: on its pool); its outcome goes to
+ * `sink`.  Takes a second reference, the engine's, which the owner drops
+ * with ab_op_collect once the op's AB_MSG_FINISHED arrived.  Owner thread.
+ * Returns 0 or a negative error (then nothing was taken); AB_ESTATE for an
+ * op submitted before, -EINVAL for a type with no step. */
 int ab_submit(ab_op *op, ab_sink *sink);
 /* ab_submit for a thread that runs an event loop and submits in bursts
  * (every task one iteration resumes): where ab_submit would wake a

@@ -188,6 +188,11 @@ void ab__dns_free(void);
 void ab__dns_forget(void);
 /* engine.c: queue AB_MSG_* bits for the owner (engine thread). */
 void ab__sink_send(ab_op *op, unsigned msg);
+/* A work op (AB_TYPE_WORK, AB_TYPE_BLOCKING): its step runs on a pool
+ * thread, which finishes it; its waits return AB_ESTATE. */
+#define AB__WORK_OP(op) (((op)->type->flags & (AB_TYPE_WORK | AB_TYPE_BLOCKING)) != 0)
+/* A pool thread: run a work op's step and hand its outcome to the sink. */
+void ab__work_op_run(ab_op *op);
 /* engine.c: resume a suspended op with `why` after the current callbacks
  * (engine thread); skipped if it resumes otherwise first. */
 void ab__soon(ab_op *op, unsigned why);

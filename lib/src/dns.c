@@ -642,6 +642,8 @@ int
 ab_await_dns(ab_op *op, ab_dns_wait *w, int kind, const char *host, const char *serv,
              int family, int socktype, int protocol, int flags)
 {
+    if (AB__WORK_OP(op))
+        return AB_ESTATE; /* a work op's step runs on a pool thread */
     if (kind != AB_DNS_EVDNS && kind != AB_DNS_SYSTEM)
         return -EINVAL;
     if (kind == AB_DNS_EVDNS &&

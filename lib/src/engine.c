@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,6 +98,11 @@ static struct {
 
 static atomic_uint generation;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+/* Work ops finishing on a pool thread, which notifies their sinks itself:
+ * an engine call waits until none is under way (run_call), so that what a
+ * call retires or closes (a sink, the fd a notify writes) is never touched
+ * by one of them. */
+static atomic_int foreign_finishes;
 
 struct event_base *ab__engine_base(void) { return E.base; }
 unsigned ab_fork_generation(void) { return atomic_load(&generation); }
@@ -236,6 +242,34 @@ finish(ab_op *op)
             atomic_fetch_sub(&S.in_flight, 1);
         ab_op_release(op); /* engine-owned: nobody waits for it */
     }
+}
+
+/* A pool thread: a work op's one step, finished here, its outcome handed
+ * to the sink without the engine. */
+void
+ab__work_op_run(ab_op *op)
+{
+    /* Counted from before the op can reach its sink: an engine call that
+     * sees 0 comes before this thread looks at the sink (see run_call). */
+    atomic_fetch_add(&foreign_finishes, 1);
+    op->started = 1;
+    op->event = AB_EV_START;
+    if (atomic_load(&op->cancel_asked)) { /* cancelled before it ran */
+        op->cancelled = 1;
+        ab_fail(op, -ECANCELED);
+    } else {
+        if (op->type->step(op) != AB_DONE)
+            ab_fail_msg(op, AB_ESTATE, "%s: a work op's step must finish, not suspend",
+                        op->type->name);
+        if (atomic_load(&op->cancel_asked)) { /* interrupted while it ran */
+            op->cancelled = 1;
+            free(op->error_message);
+            op->error_message = NULL;
+            ab_fail(op, -ECANCELED);
+        }
+    }
+    finish(op);
+    atomic_fetch_sub(&foreign_finishes, 1);
 }
 
 static void
@@ -586,6 +620,10 @@ struct engine_call {
 static void
 run_call(struct engine_call *c)
 {
+    /* A work op's worker may be notifying a sink right now (a few
+     * instructions: a write, or a lock to queue for the courier). */
+    while (atomic_load(&foreign_finishes) != 0)
+        sched_yield();
     if (c->fn != NULL)
         c->fn(c->arg);
     else
@@ -879,6 +917,8 @@ static void
 atfork_child(void)
 {
     ab__pool_atfork_child();
+    /* A worker that was finishing a work op is not in the child. */
+    atomic_store(&foreign_finishes, 0);
     atomic_fetch_add(&generation, 1);
     pthread_mutex_init(&E.park_mu, NULL);
     pthread_cond_init(&E.park_cv, NULL);
@@ -903,6 +943,8 @@ submit(ab_op *op, ab_sink *sink, int *wake_owed)
 {
     if (op->submitted)
         return AB_ESTATE;
+    if (op->type->step == NULL)
+        return -EINVAL;
     /* Counted before the engine is looked at: see ab_engine_stop_if_idle. */
     atomic_fetch_add(&S.in_flight, 1);
     int rc = ab_engine_start();
@@ -914,6 +956,21 @@ submit(ab_op *op, ab_sink *sink, int *wake_owed)
     op->sink = sink;
     __atomic_store_n(&op->generation, ab_fork_generation(), __ATOMIC_RELAXED);
     atomic_fetch_add_explicit(&op->refs, 1, memory_order_relaxed);
+    if (AB__WORK_OP(op)) {
+        /* Straight to its pool: the engine never sees it. */
+        op->work_blocking = (op->type->flags & AB_TYPE_BLOCKING) != 0;
+        set_wait(op, AB__WAIT_WORK);
+        if ((rc = ab__pool_submit(op)) < 0) {
+            set_wait(op, AB__WAIT_NONE);
+            atomic_fetch_sub_explicit(&op->refs, 1, memory_order_relaxed);
+            op->sink = NULL;
+            op->submitted = 0;
+            atomic_fetch_sub(&S.in_flight, 1);
+            return rc;
+        }
+        atomic_fetch_add_explicit(&S.submitted, 1, memory_order_relaxed);
+        return 0;
+    }
     atomic_fetch_add_explicit(&S.submitted, 1, memory_order_relaxed);
     if (post(op, AB_EV_START, wake_owed != NULL))
         *wake_owed = 1;
@@ -947,6 +1004,8 @@ ab_cancel(ab_op *op)
         return;
     if (atomic_exchange(&op->cancel_asked, AB__CANCEL_ASKED))
         return;
+    if (AB__WORK_OP(op))
+        return; /* its worker looks at cancel_asked */
     ab__engine_post(op, AB_EV_CANCEL);
 }
 
@@ -972,6 +1031,8 @@ ab_op_signal(ab_op *op)
     /* An op of the parent, in a fork child: it can never resume here. */
     if (__atomic_load_n(&op->generation, __ATOMIC_RELAXED) != ab_fork_generation())
         return;
+    if (AB__WORK_OP(op))
+        return; /* it never waits for one */
     ab__engine_post(op, AB_EV_SIGNAL);
 }
 
@@ -1055,6 +1116,8 @@ to_timeval(double seconds)
 int
 ab_await_timer(ab_op *op, double seconds)
 {
+    if (AB__WORK_OP(op))
+        return AB_ESTATE; /* a work op's step runs on a pool thread */
     if (isnan(seconds))
         return -EINVAL;
     if (seconds > AB__TIMER_MAX)
@@ -1070,6 +1133,8 @@ ab_await_timer(ab_op *op, double seconds)
 int
 ab_await_fd(ab_op *op, int fd, unsigned events, double timeout)
 {
+    if (AB__WORK_OP(op))
+        return AB_ESTATE; /* a work op's step runs on a pool thread */
     short what = 0;
     if (fd < 0)
         return -EBADF;
@@ -1107,6 +1172,8 @@ ab_await_fd(ab_op *op, int fd, unsigned events, double timeout)
 int
 ab_await_cancel(ab_op *op)
 {
+    if (AB__WORK_OP(op))
+        return AB_ESTATE; /* a work op's step runs on a pool thread */
     set_wait(op, AB__WAIT_CANCEL);
     if (op->cancelled) /* a cancel comes once: it came already */
         ab__soon(op, AB_EV_CANCEL);
@@ -1116,6 +1183,8 @@ ab_await_cancel(ab_op *op)
 static int
 await_pool(ab_op *op, ab_work_fn fn, int blocking)
 {
+    if (AB__WORK_OP(op))
+        return AB_ESTATE; /* a work op's step runs on a pool thread */
     op->work = fn;
     op->work_blocking = (unsigned char)blocking;
     /* Armed after the cancel: never interrupted by it (read by the pool
@@ -1154,6 +1223,8 @@ arm_timeout(ab_op *op, double timeout)
 int
 ab_await_signal(ab_op *op, double timeout)
 {
+    if (AB__WORK_OP(op))
+        return AB_ESTATE; /* a work op's step runs on a pool thread */
     if (isnan(timeout))
         return -EINVAL;
     if (op->signal_kept) {
@@ -1200,6 +1271,8 @@ fds_find(struct ab__fdset *set, int fd)
 int
 ab_fds_watch(ab_op *op, int fd, unsigned events)
 {
+    if (AB__WORK_OP(op))
+        return AB_ESTATE; /* a work op's step runs on a pool thread */
     if (fd < 0)
         return -EBADF;
     if (events & ~(unsigned)(AB_EV_READ | AB_EV_WRITE))
@@ -1257,6 +1330,8 @@ ab_fds_watch(ab_op *op, int fd, unsigned events)
 int
 ab_await_fds(ab_op *op, double timeout)
 {
+    if (AB__WORK_OP(op))
+        return AB_ESTATE; /* a work op's step runs on a pool thread */
     struct ab__fdset *set = op->extra != NULL ? &op->extra->fds : NULL;
     if (isnan(timeout))
         return -EINVAL;
@@ -1317,6 +1392,8 @@ fds_free(ab_op *op)
 int
 ab_await_python(ab_op *op, int slot)
 {
+    if (AB__WORK_OP(op))
+        return AB_ESTATE; /* a work op's step runs on a pool thread */
     if (op->sink == NULL)
         return AB_ESTATE;
     op->python_slot = slot;

@@ -7,7 +7,9 @@
  * DNS lookups never holds up CPU work and CPU work never holds up them.
  *
  * The engine queues an op; a worker runs op->work(op) without any lock
- * held and posts AB_EV_WORK back to the engine.  The number of threads
+ * held and posts AB_EV_WORK back to the engine.  A work op (AB_TYPE_WORK)
+ * is queued by its owner's ab_submit instead, and the worker runs its one
+ * step and hands the outcome to the sink itself.  The number of threads
  * follows ab_pool_configure / ab_blocking_configure, growing at once and
  * shrinking as idle workers notice.  Workers are joinable: one that left
  * is joined by the next grow or stop, so that a stopped pool has no thread
@@ -114,14 +116,18 @@ worker_main(void *arg)
             p->tail = NULL;
         p->queued--;
         pthread_mutex_unlock(&p->mu);
-        /* Work that a cancel interrupted before it started is skipped
-         * (the step resumes with AB_EV_CANCEL); work armed after the
-         * cancel always runs. */
-        if (ab_work_cancelled(op))
-            op->work_skipped = 1;
-        else
-            op->work(op);
-        ab__engine_post(op, AB_EV_WORK);
+        if (AB__WORK_OP(op)) {
+            ab__work_op_run(op); /* finished here, without the engine */
+        } else {
+            /* Work that a cancel interrupted before it started is skipped
+             * (the step resumes with AB_EV_CANCEL); work armed after the
+             * cancel always runs. */
+            if (ab_work_cancelled(op))
+                op->work_skipped = 1;
+            else
+                op->work(op);
+            ab__engine_post(op, AB_EV_WORK);
+        }
         pthread_mutex_lock(&p->mu);
     }
     self->left = 1;

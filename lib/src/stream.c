@@ -30,6 +30,8 @@ is_stream(const ab_op *op)
 int
 ab_op_set_stream(ab_op *op, int max_buffered)
 {
+    if (AB__WORK_OP(op))
+        return -EINVAL; /* its one step cannot emit items */
     if (ab__extra(op) == NULL)
         return -ENOMEM;
     op->extra->stream_max = max_buffered > 0 ? max_buffered : 1;

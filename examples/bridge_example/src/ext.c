@@ -2,7 +2,8 @@
  * C API alone (asyncio_bridge.h, found through get_include()).
  *
  *   fetch(host, port, payload, nbytes, timeout)  a socket state machine
- *   compress(data, level=6)                      zlib on the worker pool
+ *   compress(data, level=6)                      zlib on the worker pool (a
+ *                                                work op: no engine hop)
  *   retry(fn, attempts, delay)                   awaits a Python coroutine
  *   resolve(host, port=None, timeout=None)       getaddrinfo_a: completed by
  *                                                a thread glibc creates
@@ -263,57 +264,33 @@ struct compress_state {
     const Bytef *data; /* pinned with abpy_keep_buffer */
     size_t len;
     int level;
-    int zrc;     /* compress2's return code */
-    Bytef *out;  /* malloc'd by the pool function; freed by the step or cleanup */
-    size_t out_len;
 };
 
-/* A pool thread, without the GIL: only C data. */
-static void
-compress_work(ab_op *op)
-{
-    struct compress_state *s = ab_op_state(op);
-    uLongf len = compressBound((uLong)s->len);
-    s->out = malloc(len ? len : 1);
-    if (s->out == NULL) {
-        s->zrc = Z_MEM_ERROR;
-        return;
-    }
-    s->zrc = compress2(s->out, &len, s->data, (uLong)s->len, s->level);
-    s->out_len = len;
-}
-
+/* A work op (AB_TYPE_WORK): this step runs once, on a worker pool thread,
+ * without the GIL, so it touches only C data.  The op goes from the loop to
+ * the worker and its outcome from the worker back to the loop, without a
+ * hop through the engine thread. */
 static int
 compress_step(ab_op *op)
 {
     struct compress_state *s = ab_op_state(op);
-    int rc = 0;
-    AB_BEGIN(op);
-    AB_AWAIT(op, ab_await_work(op, compress_work));
-    if (s->zrc != Z_OK)
-        return ab_fail_msg(op, s->zrc == Z_MEM_ERROR ? -ENOMEM : -EIO, "zlib: %s",
-                           zError(s->zrc));
-    rc = ab_return_bytes(op, s->out, s->out_len); /* copies */
-    free(s->out);
-    s->out = NULL;
+    uLongf len = compressBound((uLong)s->len);
+    Bytef *out = malloc(len ? len : 1);
+    if (out == NULL)
+        return ab_fail(op, -ENOMEM);
+    int zrc = compress2(out, &len, s->data, (uLong)s->len, s->level);
+    int rc = zrc == Z_OK ? ab_return_bytes(op, out, len) /* copies */
+                         : ab_fail_msg(op, zrc == Z_MEM_ERROR ? -ENOMEM : -EIO, "zlib: %s",
+                                       zError(zrc));
+    free(out);
     return rc;
-    AB_END(op);
-}
-
-/* Reached when cancellation struck after the pool function ran. */
-static void
-compress_cleanup(ab_op *op)
-{
-    struct compress_state *s = ab_op_state(op);
-    free(s->out);
-    s->out = NULL;
 }
 
 static const ab_op_type compress_type = {
     .name = "bridge_example.compress",
     .state_size = sizeof(struct compress_state),
+    .flags = AB_TYPE_WORK,
     .step = compress_step,
-    .cleanup = compress_cleanup,
 };
 
 static PyObject *

@@ -516,6 +516,48 @@ async def test_configure_workers_then_compress():
         asyncio_bridge.configure(workers=before)
 
 
+@pytest.mark.asyncio
+async def test_compress_never_wakes_the_engine():
+    # compress is a work op: the loop queues it on the pool, the worker
+    # hands the outcome back to the loop; the engine thread is not involved.
+    await bx.compress(SMALL)  # the pool and the bridge are up
+    before = asyncio_bridge.stats()
+    for _ in range(50):
+        assert await bx.compress(SMALL, 1) == zlib.compress(SMALL, 1)
+    results = await asyncio.gather(*(bx.compress(SMALL, 1) for _ in range(200)))
+    assert results == [zlib.compress(SMALL, 1)] * 200
+    after = asyncio_bridge.stats()
+    assert after["engine_wakeups"] == before["engine_wakeups"]
+    assert after["completed"] - before["completed"] == 250
+    assert after["submitted"] - before["submitted"] == 250
+
+
+@pytest.mark.asyncio
+async def test_cancel_a_queued_compress_skips_it():
+    before_workers = asyncio_bridge.configure()["workers"]
+    try:
+        asyncio_bridge.configure(workers=1)
+        big = asyncio.ensure_future(bx.compress(text_like(16 << 20), 9))
+        await asyncio.sleep(0.02)  # the one worker is busy with it
+        before = asyncio_bridge.stats()
+        queued = asyncio.ensure_future(bx.compress(SMALL))
+        await asyncio.sleep(0)
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert not big.done()
+        assert zlib.decompress(await big)[:100] == text_like(16 << 20)[:100]
+        for _ in range(200):  # the skipped op's outcome reaches the loop
+            if asyncio_bridge.stats()["cancelled"] > before["cancelled"]:
+                break
+            await asyncio.sleep(0.005)
+        after = asyncio_bridge.stats()
+        assert after["cancelled"] - before["cancelled"] == 1
+        assert after["completed"] - before["completed"] == 1  # big alone
+    finally:
+        asyncio_bridge.configure(workers=before_workers)
+
+
 # ---- retry ---------------------------------------------------------------------------
 
 
