@@ -114,7 +114,7 @@ py_stats(PyObject *module, PyObject *unused)
     (void)module;
     (void)unused;
     ab_stats_get(&s);
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "submitted",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "submitted",
                          (unsigned long long)s.submitted, "completed",
                          (unsigned long long)s.completed, "cancelled",
                          (unsigned long long)s.cancelled, "in_flight",
@@ -127,7 +127,8 @@ py_stats(PyObject *module, PyObject *unused)
                          (unsigned long long)s.pool_queued, "pool_threads",
                          (unsigned long long)s.pool_threads, "blocking_queued",
                          (unsigned long long)s.blocking_queued, "blocking_threads",
-                         (unsigned long long)s.blocking_threads);
+                         (unsigned long long)s.blocking_threads, "op_memory_kept",
+                         (unsigned long long)s.op_memory_kept);
 }
 
 /* The owning interpreter ends: nothing of it may be touched again, and

@@ -8,7 +8,7 @@ import pytest
 import asyncio_bridge as ab
 
 STATS_KEYS = ("submitted", "completed", "cancelled", "in_flight", "wakeups", "largest_batch",
-              "engine_wakeups", "engine_spins", "engine_spins_paid")
+              "engine_wakeups", "engine_spins", "engine_spins_paid", "op_memory_kept")
 
 
 def readers(loop):

@@ -576,6 +576,9 @@ typedef struct ab_stats {
     uint64_t engine_spins, engine_spins_paid;
     /* Pool functions queued and not yet taken by a worker; threads. */
     uint64_t pool_queued, pool_threads, blocking_queued, blocking_threads;
+    /* Bytes of op memory kept free for the next ops (never given back to
+     * the system): a leak check subtracts it from the heap in use. */
+    uint64_t op_memory_kept;
 } ab_stats;
 
 void ab_stats_get(ab_stats *out);

@@ -85,11 +85,12 @@ struct ab__extra {
 /* 128 bytes on 64-bit Linux, the state follows: each op costs its memory
  * while in flight, so what only some ops use lives in `extra`. */
 struct ab_op {
+    /* The first 64 bytes are what the engine writes for every op (ops are
+     * allocated on a 64-byte boundary: ab_op_new), so that handing an op
+     * to the engine and back moves one cache line between the cores. */
     const ab_op_type *type;
     atomic_uint refs;
     atomic_uint pending;      /* AB_EV_* bits posted to the engine | AB__QUEUED */
-    atomic_int cancel_asked;  /* set by the owner; read by pool threads */
-    unsigned generation;      /* ab_fork_generation() at submit (atomic builtins) */
 
     /* Engine thread only, unless said otherwise. */
     unsigned event;           /* why the current step runs */
@@ -117,6 +118,35 @@ struct ab_op {
     unsigned char sink_msgs;
     unsigned char kind;              /* ab_result_kind of the outcome */
     int error;                       /* the outcome: 0 or the error */
+
+    /* Links: the inbox has its own, since an op can sit on the inbox (a
+     * cancel) while it is queued elsewhere; an op waits on the pool or on
+     * the sink, never both. */
+    ab_op *inbox_next;
+    union {
+        ab_op *sink_next;
+        ab_op *pool_next;
+    };
+
+    /* Second line: written by the owner at submit, or by the engine only
+     * for some ops (a value, a wait). */
+    ab_sink *sink;
+    atomic_int cancel_asked;  /* set by the owner; read by pool threads */
+    unsigned generation;      /* ab_fork_generation() at submit (atomic builtins) */
+
+    /* Outcome, written by the step, read by the owner after
+     * AB_MSG_FINISHED. */
+    char *error_message;
+    union {
+        int64_t i;
+        double d;
+        int slot;
+        struct {
+            char *data;
+            size_t len;
+        } buf;
+    } result;
+
     /* What the current wait needs; one wait at a time. */
     union {
         struct {
@@ -133,29 +163,6 @@ struct ab_op {
         int python_slot;
     };
 
-    /* Links: the inbox has its own, since an op can sit on the inbox (a
-     * cancel) while it is queued elsewhere; an op waits on the pool or on
-     * the sink, never both. */
-    ab_op *inbox_next;
-    union {
-        ab_op *sink_next;
-        ab_op *pool_next;
-    };
-    ab_sink *sink;
-
-    /* Outcome, written by the step, read by the owner after
-     * AB_MSG_FINISHED. */
-    char *error_message;
-    union {
-        int64_t i;
-        double d;
-        int slot;
-        struct {
-            char *data;
-            size_t len;
-        } buf;
-    } result;
-
     struct ab__extra *extra; /* NULL until an fd set or a stream needs it */
 
     _Alignas(max_align_t) unsigned char state[];
@@ -163,6 +170,7 @@ struct ab_op {
 
 #if defined(__x86_64__) && defined(__LP64__)
 _Static_assert(sizeof(struct ab_op) == 128, "an op's header grew past 128 bytes");
+_Static_assert(offsetof(struct ab_op, sink) == 64, "the engine's fields of an op outgrew one cache line");
 #endif
 
 /* engine.c */
@@ -172,6 +180,12 @@ void ab__engine_post(ab_op *op, unsigned bits);
 int ab__on_engine_thread(void);
 /* op.c */
 void ab__op_finish_cleanup(ab_op *op);
+/* opmem.c: an op's memory, zeroed, on a 64-byte boundary; freed with the
+ * size it was allocated with.  Any thread. */
+void *ab__opmem_alloc(size_t size);
+void ab__opmem_free(void *p, size_t size);
+/* Bytes of op memory kept free for reuse (blocks and their magazines). */
+long ab__opmem_kept(void);
 /* stream.c: drop a stream's items nobody took (the op is freed). */
 void ab__items_free(ab_op *op);
 /* op.c: the op's extra part, allocated on first use (NULL: out of memory). */

@@ -155,6 +155,7 @@ ab_stats_get(ab_stats *out)
     out->engine_spins = atomic_load(&S.spins);
     out->engine_spins_paid = atomic_load(&S.spins_paid);
     ab__pool_stats(out);
+    out->op_memory_kept = (uint64_t)ab__opmem_kept();
 }
 
 void

@@ -32,10 +32,17 @@ ab_strerror(int err)
     return "unknown error";
 }
 
+/* An op's whole allocation: header, state, owner data. */
+static size_t
+op_size(const ab_op_type *type)
+{
+    return sizeof(ab_op) + state_span(type) + owner_size;
+}
+
 ab_op *
 ab_op_new(const ab_op_type *type)
 {
-    ab_op *op = calloc(1, sizeof(*op) + state_span(type) + owner_size);
+    ab_op *op = ab__opmem_alloc(op_size(type));
     if (op == NULL)
         return NULL;
     op->type = type;
@@ -102,7 +109,7 @@ ab_op_release(ab_op *op)
     ab__items_free(op);
     free(op->extra);
     free(op->error_message);
-    free(op);
+    ab__opmem_free(op, op_size(op->type));
 }
 
 const ab_op_type *ab_op_type_of(const ab_op *op) { return op->type; }

@@ -21,7 +21,8 @@ reading, and MALLOC_ARENA_MAX=2 keeps arenas made by later rounds' threads
 from showing as growth.  RSS still moves by up to ~4% either way from round
 to round with the C heap and Python's blocks flat, so two exact counters
 back it: the C heap in use (glibc's mallinfo2, where every native op is
-allocated) and sys.getallocatedblocks() (every Python object) may grow by at
+allocated, less the op memory kept free for reuse, which stats() counts
+exactly) and sys.getallocatedblocks() (every Python object) may grow by at
 most 1 byte and 0.01 blocks per measured op; a leak of one op in 200, or of
 one Python object in 100, fails them.
 """
@@ -48,8 +49,10 @@ _libc = ctypes.CDLL(None)
 _libc.mallinfo2.restype = _MallInfo2
 
 def heap_bytes():
+    # Op memory kept for reuse (lib/src/opmem.c keeps the blocks of its
+    # largest burst) is not a leak: counted exactly, and left out.
     info = _libc.mallinfo2()
-    return info.uordblks + info.hblkhd
+    return info.uordblks + info.hblkhd - ab.stats()["op_memory_kept"]
 
 def rss_kib():
     with open("/proc/self/status") as f:
