@@ -882,8 +882,27 @@ use_courier(BridgeObject *b, ab_state *st, PyObject *loop)
     return 0;
 }
 
-/* If the loop's create_future() is BaseEventLoop's, which only returns
- * Future(loop=self), make the Futures directly. */
+/* 1 if impl is uvloop's Loop.create_future, which, like BaseEventLoop's,
+ * only returns asyncio.Future(loop=self); 0 otherwise, with no exception.
+ * uvloop is looked for only if it is imported already. */
+static int
+is_uvloop_create_future(ab_state *st, PyObject *impl)
+{
+    PyObject *name = PyUnicode_FromString("uvloop.loop");
+    PyObject *mod = name != NULL ? PyImport_GetModule(name) : NULL;
+    Py_XDECREF(name);
+    PyObject *cls = mod != NULL ? PyObject_GetAttrString(mod, "Loop") : NULL;
+    Py_XDECREF(mod);
+    PyObject *uv = cls != NULL ? PyObject_GetAttr(cls, st->str_create_future) : NULL;
+    Py_XDECREF(cls);
+    PyErr_Clear();
+    int same = uv != NULL && uv == impl;
+    Py_XDECREF(uv);
+    return same;
+}
+
+/* If the loop's create_future() is BaseEventLoop's or uvloop's, which
+ * only return Future(loop=self), make the Futures directly. */
 static void
 check_direct_futures(BridgeObject *b, ab_state *st, PyObject *loop)
 {
@@ -892,8 +911,16 @@ check_direct_futures(BridgeObject *b, ab_state *st, PyObject *loop)
         PyErr_Clear();
         return;
     }
-    b->direct_futures = impl == st->base_create_future;
+    int direct = impl == st->base_create_future || is_uvloop_create_future(st, impl);
     Py_DECREF(impl);
+    if (!direct)
+        return;
+    /* Without it the bridge calls create_future(): slower, as right. */
+    b->future_kw = PyDict_New();
+    if (b->future_kw == NULL || PyDict_SetItem(b->future_kw, st->str_loop, Py_None) < 0) {
+        Py_CLEAR(b->future_kw);
+        PyErr_Clear();
+    }
 }
 
 /* Attach b to its loop by the configured delivery. */
@@ -924,7 +951,7 @@ bridge_new(ab_state *st, PyObject *loop)
     b->native = calloc(1, sizeof(*b->native));
     b->loop_ref = b->key = NULL;
     b->anchor = NULL;
-    b->direct_futures = 0;
+    b->future_kw = NULL;
     b->delivery = st->delivery == DELIVERY_CST ? DELIVERY_CST : DELIVERY_READER;
     b->in_flight = 0;
     b->ops.prev = b->ops.next = &b->ops;
@@ -1316,6 +1343,7 @@ bridge_traverse(BridgeObject *b, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(b));
     Py_VISIT(b->loop_ref);
+    Py_VISIT(b->future_kw);
     for (OpPy *py = b->ops.next; py != &b->ops; py = py->next) {
         Py_VISIT(py->bridge);
         Py_VISIT(py->iter);
@@ -1351,6 +1379,7 @@ bridge_dealloc(BridgeObject *b)
     unregister(b);
     Py_CLEAR(b->loop_ref);
     Py_CLEAR(b->key);
+    Py_CLEAR(b->future_kw);
     PyObject_GC_Del(b);
     Py_DECREF(tp);
 }

@@ -87,9 +87,11 @@ struct BridgeObject {
     PyObject *loop_ref;  /* weakref to the loop */
     PyObject *key;       /* its registry key, id(loop) */
     AnchorObject *anchor; /* borrowed; NULL once the loop let go */
-    /* The loop's create_future() is asyncio's own: make the Futures
-     * directly, as Future(loop=loop), and skip a Python frame per op. */
-    int direct_futures;
+    /* The loop's create_future() is asyncio's or uvloop's own: make the
+     * Futures directly, as Future(loop=loop), and skip a call per op.
+     * {"loop": None}, the keywords of that call: the loop is put in for
+     * the call only, so the bridge never holds its loop. */
+    PyObject *future_kw;
     delivery_kind delivery;
     unsigned generation; /* fork generation it was made in */
     Py_ssize_t in_flight;
@@ -119,6 +121,8 @@ typedef struct {
     PyObject *ensure_future;      /* asyncio.ensure_future */
     PyObject *base_create_future; /* asyncio.BaseEventLoop.create_future */
     PyObject *kw_loop;            /* ("loop",) */
+    PyObject *str_loop;           /* "loop" */
+    PyObject *empty_tuple;        /* () */
     PyObject *str_holder_key;     /* see running_loop() in bridge.c */
     PyTypeObject *holder_type;    /* borrowed: CPython's, lives forever */
     unsigned holder_generation;

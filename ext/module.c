@@ -222,7 +222,7 @@ import_attr(const char *module, const char *name)
     X(str_set_exception) X(str_done) X(str_cancel) X(str_cancelled) X(str_result) \
     X(str_exception) X(str_call_soon_threadsafe) X(str_call_soon) X(str_drain) X(str_is_closed) \
     X(str_create_task) X(str_add_done_callback) X(str_holder_key)             \
-    X(str_call_exception_handler) X(str_anchor_attr)
+    X(str_call_exception_handler) X(str_anchor_attr) X(str_loop) X(empty_tuple)
 
 static int
 add_types(PyObject *module, ab_state *st)
@@ -313,6 +313,9 @@ module_exec(PyObject *module)
     INTERN(str_holder_key, "__asyncio_running_event_loop__");
     INTERN(str_call_exception_handler, "call_exception_handler");
     INTERN(str_anchor_attr, "_asyncio_bridge");
+    INTERN(str_loop, "loop");
+    if ((st->empty_tuple = PyTuple_New(0)) == NULL)
+        return -1;
     if ((st->kw_loop = Py_BuildValue("(s)", "loop")) == NULL)
         return -1;
     st->delivery = DELIVERY_AUTO;

@@ -677,12 +677,27 @@ first_wait(OpPy *py, PyObject *fut, PyObject **presult)
 }
 
 /* New reference: a Future of b's loop (running now); NULL with an
- * exception set. */
+ * exception set.  A direct Future is called with the bridge's own dict of
+ * keywords, loop=loop for the call only: a call by keyword names would
+ * build a dict for every op, and Future() without its loop looks the
+ * running loop up again (and calls getpid() on 3.11). */
 PyObject *
 ab_bridge_new_future(BridgeObject *b, ab_state *st, PyObject *loop)
 {
-    return b->direct_futures ? PyObject_Vectorcall(st->future_type, &loop, 0, st->kw_loop)
-                             : PyObject_CallMethodNoArgs(loop, st->str_create_future);
+    PyObject *kw = b->future_kw;
+    if (kw == NULL)
+        return PyObject_CallMethodNoArgs(loop, st->str_create_future);
+    if (PyDict_SetItem(kw, st->str_loop, loop) < 0)
+        return NULL;
+    PyObject *fut = PyObject_Call(st->future_type, st->empty_tuple, kw);
+    /* Replacing an existing key's value allocates nothing and cannot
+     * fail; should it, the dict is emptied rather than left holding the
+     * loop. */
+    if (PyDict_SetItem(kw, st->str_loop, Py_None) < 0) {
+        PyDict_Clear(kw);
+        Py_CLEAR(fut);
+    }
+    return fut;
 }
 
 /* The interpreter is exiting and this is not the thread that runs the

@@ -293,6 +293,79 @@ def test_a_running_loop_keeps_tasks_awaiting_ops():
     assert asyncio.run(main()) == ["kept"]
 
 
+# ---- The Future an op awaits ------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_an_op_awaits_a_plain_future_of_its_running_loop(settled):
+    """Made directly where create_future() is asyncio's or uvloop's own, it
+    is still what create_future() returns: an asyncio.Future of the loop,
+    with the source traceback of a debug-mode loop."""
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(ab.sleep(30, "unused"))
+    await asyncio.sleep(0)
+    future = task._fut_waiter
+    assert type(future) is asyncio.Future
+    assert future.get_loop() is loop
+    assert (future._source_traceback is not None) == loop.get_debug()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert future.cancelled()
+    await settled()
+
+
+def test_a_loops_own_create_future_makes_the_futures(loop_name):
+    """A loop class that overrides create_future() gets every Future the
+    bridge awaits from it, as with asyncio.sleep."""
+    base = LOOP_CLASSES[loop_name]
+
+    class Marked(asyncio.Future):
+        pass
+
+    class Loop(base):
+        made = 0
+
+        def create_future(self):
+            Loop.made += 1
+            return Marked(loop=self)
+
+    async def main():
+        seen = []
+        for i in range(3):
+            task = asyncio.get_running_loop().create_task(ab.sleep(0.001, i))
+            await asyncio.sleep(0)
+            seen.append(type(task._fut_waiter))
+            assert await task == i
+        return seen
+
+    loop = Loop()
+    try:
+        assert loop.run_until_complete(main()) == [Marked] * 3
+    finally:
+        loop.close()
+    assert Loop.made == 3
+
+
+def test_a_bridge_holds_no_reference_to_its_loop(loop_name):
+    """The keywords the bridge makes its Futures with hold the loop for
+    the call only: between ops nothing of the bridge refers to it."""
+    loop = LOOP_CLASSES[loop_name]()
+
+    async def main():
+        for i in range(50):
+            assert await ab.sleep(0, i) == i
+        return await asyncio.gather(*(ab.sleep(0.001, i) for i in range(50)))
+
+    try:
+        assert loop.run_until_complete(main()) == list(range(50))
+        holders = [r for r in gc.get_referrers(loop)
+                   if isinstance(r, dict) and r.get("loop") is loop]
+        assert holders == []
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize("in_flight", [False, True])
 def test_close_releases_every_fd(new_loop, in_flight):
     keeper = new_loop()  # keeps the engine (its epoll fd) running throughout
