@@ -98,7 +98,11 @@ ab_op_retain(ab_op *op)
 void
 ab_op_release(ab_op *op)
 {
-    if (atomic_fetch_sub_explicit(&op->refs, 1, memory_order_acq_rel) != 1)
+    /* The last holder needs no locked instruction: only a holder may take
+     * another reference, so a count of 1 that is ours stays 1.  Owners
+     * drop the last reference of nearly every op. */
+    if (atomic_load_explicit(&op->refs, memory_order_acquire) != 1 &&
+        atomic_fetch_sub_explicit(&op->refs, 1, memory_order_acq_rel) != 1)
         return;
     ab__op_finish_cleanup(op);
     if (release_hook != NULL)
