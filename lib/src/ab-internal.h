@@ -218,18 +218,24 @@ void ab__set_wait(ab_op *op, enum ab__wait wait);
  * used by that thread only. */
 typedef struct ab__spinner {
     uint64_t spare_checked_ns, slept_ns;
+    uint64_t window_ns; /* learnt; 0: not yet, the longest */
     int spare, skip, backoff, misses;
 } ab__spinner;
 
-/* 1 if the thread should spin now, at most for its window. */
+/* 1 if the thread should spin now, for ab__spin_window. */
 int ab__spin_begin(ab__spinner *s);
+/* How long to spin: what recent work needed to come, with room, between
+ * AB__SPIN_MIN_NS and max_ns (the longest spin that can pay). */
+uint64_t ab__spin_window(const ab__spinner *s, uint64_t max_ns);
+/* The first work a spin caught came after_ns into it. */
+void ab__spin_caught(ab__spinner *s, uint64_t after_ns, uint64_t max_ns);
 /* After a spin: whether work came within it. */
 void ab__spin_end(ab__spinner *s, int paid);
 /* The thread goes to sleep (spun or not), and is woken by work: how soon
- * the work came teaches the spinner whether a spin of window_ns would have
- * paid. */
+ * the work came teaches the spinner whether a spin of at most max_ns would
+ * have paid, and how long it would have needed. */
 void ab__spin_sleep(ab__spinner *s);
-void ab__spin_woken(ab__spinner *s, uint64_t window_ns);
+void ab__spin_woken(ab__spinner *s, uint64_t max_ns);
 
 /* timers.c, engine thread */
 uint64_t ab__now_ns(void);

@@ -569,8 +569,9 @@ on_wake(evutil_socket_t fd, short what, void *arg)
      * engine once at its end (ab_engine_flush).  Between bursts, or when
      * its tasks await one op at a time, the next post comes soon after
      * the loop took its outcomes: where spinning pays (a CPU is idle, and
-     * recent spins caught posts: spin.c), look for it for AB__SPIN_NS with
-     * `awake` set, and take it without a wake-up.  Keep doing so while
+     * recent spins caught posts: spin.c), look for it with `awake` set,
+     * for as long as recent posts took to come (spin.c's window, at most
+     * AB__SPIN_NS), and take it without a wake-up.  Keep doing so while
      * each post comes after its owner took what the last pass gave it (one
      * op at a time).  A post while the last outcomes are still untaken is
      * a burst under way: sleep, its flush wakes the engine once for the
@@ -583,19 +584,22 @@ on_wake(evutil_socket_t fd, short what, void *arg)
     atomic_fetch_add_explicit(&S.spins, 1, memory_order_relaxed);
     atomic_store(&E.awake, 1);
     int paid = 0;
-    uint64_t now = ab__now_ns(), turn_end = now + AB__TURN_NS;
-    for (uint64_t until = now + AB__SPIN_NS; (now = ab__now_ns()) < until;) {
+    uint64_t now = ab__now_ns(), turn_end = now + AB__TURN_NS, spin_start = now;
+    uint64_t window = ab__spin_window(&E.spinner, AB__SPIN_NS);
+    for (uint64_t until = now + window; (now = ab__now_ns()) < until;) {
         /* Back to libevent now and then, so timers and fds never starve
          * under a steady stream of lone posts. */
         if (now >= turn_end || atomic_load(&E.park_asked) || atomic_load(&E.stop_asked))
             break;
         if (__atomic_load_n(&E.inbox, __ATOMIC_RELAXED) != NULL) {
             int lone = last_taken();
+            ab__spin_caught(&E.spinner, now - spin_start, AB__SPIN_NS);
             drain_inbox();
             paid = 1;
             if (!lone)
                 break;
-            until = ab__now_ns() + AB__SPIN_NS;
+            spin_start = ab__now_ns();
+            until = spin_start + ab__spin_window(&E.spinner, AB__SPIN_NS);
             continue;
         }
         for (int i = 0; i < 16; i++)

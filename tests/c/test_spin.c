@@ -1,6 +1,7 @@
 /* test_spin.c: the engine's spinner (lib/src/spin.c) stops spinning while
- * spins time out, backs off longer while they keep timing out, and spins
- * again at once when work comes back soon.  The CPU-to-spare check is
+ * spins time out, backs off longer while they keep timing out, spins
+ * again at once when work comes back soon, and spins only as long as the
+ * work it catches needs.  The CPU-to-spare check is
  * taken as done (spare, checked now), so the test is the same on any
  * machine. */
 #include "harness.h"
@@ -107,6 +108,49 @@ test_no_cpu_to_spare_never_spins(void)
         CHECK(!ab__spin_begin(&s));
 }
 
+#define MAX_NS 50000u
+#define MIN_NS 8000u
+
+static void
+test_window_shrinks_to_what_catches_need(void)
+{
+    ab__spinner s = {0};
+    CHECK_EQ(ab__spin_window(&s, MAX_NS), MAX_NS); /* nothing learnt yet */
+    /* catches within 1 us: a quarter less per catch, down to the floor */
+    uint64_t expect = MAX_NS;
+    for (int i = 0; i < 20; i++) {
+        ab__spin_caught(&s, 1000u, MAX_NS);
+        expect = expect / 4 * 3 < MIN_NS ? MIN_NS : expect / 4 * 3;
+        CHECK_EQ(ab__spin_window(&s, MAX_NS), expect);
+    }
+    CHECK_EQ(ab__spin_window(&s, MAX_NS), MIN_NS);
+    /* a later catch widens it at once, to 4 times its delay */
+    ab__spin_caught(&s, 5000u, MAX_NS);
+    CHECK_EQ(ab__spin_window(&s, MAX_NS), 20000u);
+    ab__spin_caught(&s, 30000u, MAX_NS);
+    CHECK_EQ(ab__spin_window(&s, MAX_NS), MAX_NS);
+    /* never longer than the caller's longest */
+    CHECK_EQ(ab__spin_window(&s, 10000u), 10000u);
+}
+
+static void
+test_work_soon_after_sleep_widens_the_window(void)
+{
+    ab__spinner s = {0};
+    for (int i = 0; i < 20; i++)
+        ab__spin_caught(&s, 100u, MAX_NS);
+    CHECK_EQ(ab__spin_window(&s, MAX_NS), MIN_NS);
+    /* came after the longest window: nothing to learn */
+    s.slept_ns = ab__now_ns() - 2 * MAX_NS;
+    ab__spin_woken(&s, MAX_NS);
+    CHECK_EQ(ab__spin_window(&s, MAX_NS), MIN_NS);
+    /* came about 10 us after the sleep: a spin of 40 us would have had it */
+    s.slept_ns = ab__now_ns() - 10000u;
+    ab__spin_woken(&s, MAX_NS);
+    uint64_t w = ab__spin_window(&s, MAX_NS);
+    CHECK(w >= 40000u && w <= MAX_NS);
+}
+
 int
 main(void)
 {
@@ -114,5 +158,7 @@ main(void)
     TH_RUN(test_misses_back_off_exponentially);
     TH_RUN(test_work_that_came_soon_ends_the_back_off);
     TH_RUN(test_no_cpu_to_spare_never_spins);
+    TH_RUN(test_window_shrinks_to_what_catches_need);
+    TH_RUN(test_work_soon_after_sleep_widens_the_window);
     return th_done();
 }
