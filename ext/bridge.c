@@ -152,7 +152,27 @@ ab_bridge_untrack(BridgeObject *b, OpPy *op)
     op->prev->next = op->next;
     op->next->prev = op->prev;
     op->prev = op->next = NULL;
-    b->in_flight--;
+    if (--b->in_flight == 0)
+        ab_bridge_drop_loop(b);
+}
+
+/* GIL: the Future keywords let go of the loop (ext.h).  Cannot fail. */
+void
+ab_bridge_drop_loop(BridgeObject *b)
+{
+    if (!b->future_kw_loop)
+        return;
+    b->future_kw_loop = 0;
+    ab_state *st = ab_global_state; /* NULL during finalization */
+    /* Called with an exception set too (a failed delivery): kept. */
+    PyObject *exc = PyErr_Occurred() ? ab_err_take() : NULL;
+    /* Replacing an existing key's value allocates nothing. */
+    if (st == NULL || PyDict_SetItem(b->future_kw, st->str_loop, Py_None) < 0) {
+        PyErr_Clear();
+        PyDict_Clear(b->future_kw);
+    }
+    if (exc != NULL)
+        ab_err_raise(exc);
 }
 
 /* ---- registry: {id(loop): the bridge's address}, borrowed ---------------------- */
@@ -952,6 +972,7 @@ bridge_new(ab_state *st, PyObject *loop)
     b->loop_ref = b->key = NULL;
     b->anchor = NULL;
     b->future_kw = NULL;
+    b->future_kw_loop = 0;
     b->delivery = st->delivery == DELIVERY_CST ? DELIVERY_CST : DELIVERY_READER;
     b->in_flight = 0;
     b->ops.prev = b->ops.next = &b->ops;

@@ -89,9 +89,12 @@ struct BridgeObject {
     AnchorObject *anchor; /* borrowed; NULL once the loop let go */
     /* The loop's create_future() is asyncio's or uvloop's own: make the
      * Futures directly, as Future(loop=loop), and skip a call per op.
-     * {"loop": None}, the keywords of that call: the loop is put in for
-     * the call only, so the bridge never holds its loop. */
+     * {"loop": loop}, the keywords of that call, holds the loop only while
+     * ops are in flight (whose Futures hold it anyway), else None: the
+     * bridge never keeps its loop alive, and a burst pays no dict update
+     * per op.  future_kw_loop: it holds the loop now. */
     PyObject *future_kw;
+    char future_kw_loop;
     delivery_kind delivery;
     unsigned generation; /* fork generation it was made in */
     Py_ssize_t in_flight;
@@ -235,6 +238,7 @@ BridgeObject *ab_bridge_for_running_loop(ab_state *st, PyObject **loop_out);
 void ab_bridge_track(BridgeObject *b, OpPy *py);
 void ab_bridge_owe_wake(BridgeObject *b, ab_state *st, PyObject *loop);
 void ab_bridge_untrack(BridgeObject *b, OpPy *py);
+void ab_bridge_drop_loop(BridgeObject *b);
 void ab_courier_set_interpreter(PyInterpreterState *interp);
 /* GIL held: 0, or -1 with an exception set. */
 int ab_courier_ensure(void);

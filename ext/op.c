@@ -678,25 +678,25 @@ first_wait(OpPy *py, PyObject *fut, PyObject **presult)
 
 /* New reference: a Future of b's loop (running now); NULL with an
  * exception set.  A direct Future is called with the bridge's own dict of
- * keywords, loop=loop for the call only: a call by keyword names would
- * build a dict for every op, and Future() without its loop looks the
- * running loop up again (and calls getpid() on 3.11). */
+ * keywords, loop=loop (ext.h): a call by keyword names would build a dict
+ * for every op, and Future() without its loop looks the running loop up
+ * again (and calls getpid() on 3.11). */
 PyObject *
 ab_bridge_new_future(BridgeObject *b, ab_state *st, PyObject *loop)
 {
     PyObject *kw = b->future_kw;
     if (kw == NULL)
         return PyObject_CallMethodNoArgs(loop, st->str_create_future);
-    if (PyDict_SetItem(kw, st->str_loop, loop) < 0)
-        return NULL;
-    PyObject *fut = PyObject_Call(st->future_type, st->empty_tuple, kw);
-    /* Replacing an existing key's value allocates nothing and cannot
-     * fail; should it, the dict is emptied rather than left holding the
-     * loop. */
-    if (PyDict_SetItem(kw, st->str_loop, Py_None) < 0) {
-        PyDict_Clear(kw);
-        Py_CLEAR(fut);
+    if (!b->future_kw_loop) {
+        if (PyDict_SetItem(kw, st->str_loop, loop) < 0)
+            return NULL;
+        b->future_kw_loop = 1;
     }
+    PyObject *fut = PyObject_Call(st->future_type, st->empty_tuple, kw);
+    /* Ops in flight keep it there until the last one is untracked; if
+     * none is, this one may never be. */
+    if (b->in_flight == 0)
+        ab_bridge_drop_loop(b);
     return fut;
 }
 

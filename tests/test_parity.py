@@ -347,23 +347,45 @@ def test_a_loops_own_create_future_makes_the_futures(loop_name):
     assert Loop.made == 3
 
 
+def loop_holders(loop):
+    return [r for r in gc.get_referrers(loop)
+            if isinstance(r, dict) and r.get("loop") is loop]
+
+
 def test_a_bridge_holds_no_reference_to_its_loop(loop_name):
-    """The keywords the bridge makes its Futures with hold the loop for
-    the call only: between ops nothing of the bridge refers to it."""
+    """The keywords the bridge makes its Futures with hold the loop only
+    while ops are in flight (whose Futures hold it too): once none is,
+    however they ended, nothing of the bridge refers to it."""
     loop = LOOP_CLASSES[loop_name]()
 
     async def main():
         for i in range(50):
             assert await ab.sleep(0, i) == i
-        return await asyncio.gather(*(ab.sleep(0.001, i) for i in range(50)))
+        assert loop_holders(loop) == []
+        results = await asyncio.gather(*(ab.sleep(0.001, i) for i in range(50)))
+        assert loop_holders(loop) == []
+        tasks = [loop.create_task(ab.sleep(30)) for _ in range(5)]
+        await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        while ab.stats()["in_flight"]:
+            await asyncio.sleep(0.001)
+        assert loop_holders(loop) == []
+        return results
 
     try:
         assert loop.run_until_complete(main()) == list(range(50))
-        holders = [r for r in gc.get_referrers(loop)
-                   if isinstance(r, dict) and r.get("loop") is loop]
-        assert holders == []
+        # and ops left in flight when the loop closes
+        for _ in range(5):
+            loop.create_task(ab.sleep(30))
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert ab.stats()["in_flight"] == 5
+        loop.set_exception_handler(lambda loop, ctx: None)
     finally:
         loop.close()
+    assert wait_until(lambda: ab.stats()["in_flight"] == 0)
+    assert loop_holders(loop) == []
 
 
 @pytest.mark.parametrize("in_flight", [False, True])
