@@ -227,7 +227,8 @@ int ab__spin_begin(ab__spinner *s);
 /* How long to spin: what recent work needed to come, with room, between
  * AB__SPIN_MIN_NS and max_ns (the longest spin that can pay). */
 uint64_t ab__spin_window(const ab__spinner *s, uint64_t max_ns);
-/* The first work a spin caught came after_ns into it. */
+/* A spin caught work after_ns into it (or into its renewal after a lone
+ * catch): called for every catch. */
 void ab__spin_caught(ab__spinner *s, uint64_t after_ns, uint64_t max_ns);
 /* After a spin: whether work came within it. */
 void ab__spin_end(ab__spinner *s, int paid);
