@@ -168,14 +168,17 @@ def test_base_exception_while_delivering_propagates(loop_name, exc_type):
     n = 20
     try:
         async def start():
-            tasks = [asyncio.ensure_future(ab.sleep(0.01, i)) for i in range(n)]
+            tasks = [asyncio.ensure_future(ab.sleep(0.25, i)) for i in range(n)]
             await asyncio.sleep(0)
             return tasks
 
         before = ab.stats()["completed"]
         tasks = loop.run_until_complete(start())
         # Every op finishes natively while the loop is not running: the
-        # first call_soon of the next drain is the one that raises.
+        # first call_soon of the next drain is the one that raises.  (With
+        # sleeps of 10 ms, start() under ASan once outlasted them, and the
+        # ops were delivered before the interrupt was armed.)
+        assert not any(task.done() for task in tasks)
         assert wait_until(lambda: ab.stats()["completed"] >= before + n)
         gathered = asyncio.gather(*tasks, return_exceptions=True)
         armed.append(True)
