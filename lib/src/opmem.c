@@ -83,19 +83,42 @@ static atomic_long mag_bytes;
 /* This thread's two magazines a class (allocation takes from cur, then
  * swaps in prev; so does freeing), its counter, and whether its exit hands
  * them over. */
-static __thread struct mag *cur[AB__OPMEM_CLASSES], *prev[AB__OPMEM_CLASSES];
-static __thread struct counter *mine;
-static __thread int registered;
+struct tls {
+    struct mag *cur[AB__OPMEM_CLASSES], *prev[AB__OPMEM_CLASSES];
+    struct counter *mine;
+    int registered;
+};
+/* One block, so that a call finds its thread's part once (in a shared
+ * object each access to a __thread variable is a call). */
+static __thread struct tls T;
+
+/* This thread's block, found once: without the empty asm the compiler
+ * finds it again (another call) after every store. */
+static inline struct tls *
+my_tls(void)
+{
+    struct tls *t = &T;
+#if defined(__GNUC__)
+    __asm__("" : "+r"(t));
+#endif
+    return t;
+}
 static pthread_key_t exit_key;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 /* This thread's counter moves by delta bytes. */
 static inline void
+count_in(struct tls *t, long delta)
+{
+    atomic_store_explicit(&t->mine->bytes,
+                          atomic_load_explicit(&t->mine->bytes, memory_order_relaxed) + delta,
+                          memory_order_relaxed);
+}
+
+static inline void
 count(long delta)
 {
-    atomic_store_explicit(&mine->bytes,
-                          atomic_load_explicit(&mine->bytes, memory_order_relaxed) + delta,
-                          memory_order_relaxed);
+    count_in(&T, delta);
 }
 
 static inline long
@@ -127,16 +150,16 @@ thread_ends(void *unused)
     (void)unused;
     pthread_mutex_lock(&depot_mu);
     for (int c = 0; c < AB__OPMEM_CLASSES; c++) {
-        depot_put(c, cur[c]);
-        depot_put(c, prev[c]);
-        cur[c] = prev[c] = NULL;
+        depot_put(c, T.cur[c]);
+        depot_put(c, T.prev[c]);
+        T.cur[c] = T.prev[c] = NULL;
     }
-    if (mine != NULL) { /* its blocks are the depot's now */
-        *mine->prevp = mine->next;
-        if (mine->next != NULL)
-            mine->next->prevp = mine->prevp;
-        free(mine);
-        mine = NULL;
+    if (T.mine != NULL) { /* its blocks are the depot's now */
+        *T.mine->prevp = T.mine->next;
+        if (T.mine->next != NULL)
+            T.mine->next->prevp = T.mine->prevp;
+        free(T.mine);
+        T.mine = NULL;
     }
     pthread_mutex_unlock(&depot_mu);
 }
@@ -165,7 +188,7 @@ init_once(void)
 static int
 register_thread(void)
 {
-    if (registered)
+    if (T.registered)
         return 0;
     pthread_once(&once, init_once);
     struct counter *k = aligned_alloc(AB__OPMEM_LINE, sizeof(*k));
@@ -179,10 +202,10 @@ register_thread(void)
         counters->prevp = &k->next;
     counters = k;
     pthread_mutex_unlock(&depot_mu);
-    mine = k;
+    T.mine = k;
     /* Any non-NULL value makes the destructor run at thread exit. */
-    pthread_setspecific(exit_key, &registered);
-    registered = 1;
+    pthread_setspecific(exit_key, &T.registered);
+    T.registered = 1;
     return 0;
 }
 
@@ -209,7 +232,7 @@ mag_new(void)
     return m;
 }
 
-/* cur[c] and prev[c] are empty (or missing): give this thread a magazine
+/* T.cur[c] and T.prev[c] are empty (or missing): give this thread a magazine
  * with blocks, from the depot or from a new slab.  0, or -1 without
  * memory. */
 static int
@@ -222,14 +245,14 @@ refill(int c)
     if (full != NULL) {
         depot_full[c] = full->next;
         depot_bytes -= mag_bytes_of(c, full);
-        count(mag_bytes_of(c, full) - mag_bytes_of(c, cur[c]));
-        depot_put(c, cur[c]);
-        cur[c] = full;
+        count(mag_bytes_of(c, full) - mag_bytes_of(c, T.cur[c]));
+        depot_put(c, T.cur[c]);
+        T.cur[c] = full;
     }
     pthread_mutex_unlock(&depot_mu);
     if (full != NULL)
         return 0;
-    if (cur[c] == NULL && (cur[c] = mag_new()) == NULL)
+    if (T.cur[c] == NULL && (T.cur[c] = mag_new()) == NULL)
         return -1;
     size_t size = (size_t)c * AB__OPMEM_LINE;
     char *slab = aligned_alloc(AB__OPMEM_LINE, size * AB__OPMEM_SLAB);
@@ -237,12 +260,12 @@ refill(int c)
         return -1;
     /* Carved so that the lowest address goes out first. */
     for (int i = AB__OPMEM_SLAB - 1; i >= 0; i--)
-        cur[c]->slot[cur[c]->n++] = slab + (size_t)i * size;
+        T.cur[c]->slot[T.cur[c]->n++] = slab + (size_t)i * size;
     count((long)size * AB__OPMEM_SLAB);
     return 0;
 }
 
-/* cur[c] and prev[c] are full (or missing): give this thread an empty
+/* T.cur[c] and T.prev[c] are full (or missing): give this thread an empty
  * magazine, handing the full prev to the depot.  0, or -1 without
  * memory. */
 static int
@@ -254,14 +277,14 @@ make_room(int c)
     struct mag *empty = depot_empty;
     if (empty != NULL)
         depot_empty = empty->next;
-    count(-mag_bytes_of(c, prev[c]));
-    depot_put(c, prev[c]);
-    prev[c] = NULL;
+    count(-mag_bytes_of(c, T.prev[c]));
+    depot_put(c, T.prev[c]);
+    T.prev[c] = NULL;
     pthread_mutex_unlock(&depot_mu);
     if (empty == NULL && (empty = mag_new()) == NULL)
         return -1;
-    prev[c] = cur[c];
-    cur[c] = empty;
+    T.prev[c] = T.cur[c];
+    T.cur[c] = empty;
     return 0;
 }
 
@@ -277,18 +300,19 @@ ab__opmem_alloc(size_t size)
     if (!AB_OP_CACHE || size > AB__OPMEM_MAX)
         return calloc(1, size);
     int c = class_of(size);
-    struct mag *m = cur[c];
+    struct tls *t = my_tls();
+    struct mag *m = t->cur[c];
     if (m == NULL || m->n == 0) {
-        if (prev[c] != NULL && prev[c]->n > 0) {
-            cur[c] = prev[c];
-            prev[c] = m;
+        if (t->prev[c] != NULL && t->prev[c]->n > 0) {
+            t->cur[c] = t->prev[c];
+            t->prev[c] = m;
         } else if (refill(c) < 0) {
             return NULL;
         }
-        m = cur[c];
+        m = t->cur[c];
     }
     void *p = m->slot[--m->n];
-    count(-(long)c * AB__OPMEM_LINE);
+    count_in(t, -(long)c * AB__OPMEM_LINE);
     memset(p, 0, size);
     return p;
 }
@@ -301,18 +325,19 @@ ab__opmem_free(void *p, size_t size)
         return;
     }
     int c = class_of(size);
-    struct mag *m = cur[c];
+    struct tls *t = my_tls();
+    struct mag *m = t->cur[c];
     if (m == NULL || m->n == AB__OPMEM_MAG) {
-        if (prev[c] != NULL && prev[c]->n < AB__OPMEM_MAG) {
-            cur[c] = prev[c];
-            prev[c] = m;
+        if (t->prev[c] != NULL && t->prev[c]->n < AB__OPMEM_MAG) {
+            t->cur[c] = t->prev[c];
+            t->prev[c] = m;
         } else if (make_room(c) < 0) {
             /* No memory for a magazine: the block is lost to reuse (it
              * came from a slab, so free() cannot take it). */
             return;
         }
-        m = cur[c];
+        m = t->cur[c];
     }
     m->slot[m->n++] = p;
-    count((long)c * AB__OPMEM_LINE);
+    count_in(t, (long)c * AB__OPMEM_LINE);
 }
