@@ -469,8 +469,13 @@ ab_op_forget(OpPy *py)
         ab_global_state->exit_ops--;
     }
     ab_op *op = py->op;
+    /* An Op or Stream object holds a reference until its dealloc. */
+    int held = py->face != NULL;
     py_maybe_free(py);
-    ab_op_collect(op);
+    if (held)
+        ab_op_collect_held(op);
+    else
+        ab_op_collect(op);
     Py_DECREF(b);
 }
 

@@ -523,6 +523,12 @@ void ab_engine_flush(void);
  * engine went away in a fork): drop the engine's reference.  From then on
  * the op no longer counts as in flight. */
 void ab_op_collect(ab_op *op);
+/* ab_op_collect for an owner that still holds a reference of its own
+ * (one it keeps until later): the same outcome, but when nobody else holds
+ * one the count drops without a locked instruction, so the owner's own
+ * release later finds it last.  Calling it without holding another
+ * reference is a use after free waiting to happen. */
+void ab_op_collect_held(ab_op *op);
 /* Ask the engine to cancel `op`; harmless if finished.  Owner thread. */
 void ab_cancel(ab_op *op);
 /* Owner thread, for an AB_MSG_PYTHON op: the awaitable finished; failed is

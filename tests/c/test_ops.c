@@ -2,6 +2,8 @@
  * results, errors, and the protothread macros. */
 #include <fcntl.h>
 #include <math.h>
+#include <sched.h>
+#include <stdint.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -179,6 +181,77 @@ test_cancel_after_finish(void)
     ab_op_release(op); /* the queued cancel keeps it alive */
     th_expect_quiet(&ts, 0.05);
     CHECK_EQ(atomic_load(&cleanups), 1);
+    th_sink_destroy(&ts);
+}
+
+/* Wait for `op`'s AB_MSG_FINISHED on ts without collecting it. */
+static void
+finished_uncollected(th_sink *ts, ab_op *op)
+{
+    int msg = 0;
+    ab_op *got = th_next(ts, 10.0, &msg);
+    CHECK(got == op);
+    CHECK_EQ(msg, AB_MSG_FINISHED);
+}
+
+static void *
+release_soon(void *arg)
+{
+    if (((uintptr_t)arg & 1) != 0)
+        sched_yield();
+    ab_op_release((ab_op *)((uintptr_t)arg & ~(uintptr_t)1));
+    return NULL;
+}
+
+/* ab_op_collect_held: the owner keeps a reference of its own, and the op
+ * is freed by the last release, whoever's. */
+static void
+test_collect_held(void)
+{
+    th_sink ts;
+    th_sink_init(&ts);
+    ab_stats st;
+    /* Only the owner holds: the collect leaves the op alive, and the
+     * owner's own release frees it. */
+    long freed = atomic_load(&th_ops_freed);
+    ab_op *op = timer_new(0);
+    CHECK_OK(ab_submit(op, &ts.sink));
+    finished_uncollected(&ts, op);
+    ab_op_collect_held(op);
+    ab_stats_get(&st);
+    CHECK_EQ(st.in_flight, 0);
+    CHECK_EQ(atomic_load(&th_ops_freed), freed);
+    CHECK_EQ(ab_op_error(op), 0); /* still ours */
+    ab_op_release(op);
+    CHECK_EQ(atomic_load(&th_ops_freed), freed + 1);
+    /* A third holder (a queued cancel) outlives both of the owner's. */
+    op = timer_new(0);
+    CHECK_OK(ab_submit(op, &ts.sink));
+    finished_uncollected(&ts, op);
+    ab_cancel(op);
+    ab_op_collect_held(op);
+    ab_op_release(op);
+    th_expect_quiet(&ts, 0.05);
+    for (double until = th_now() + 10; atomic_load(&th_ops_freed) != freed + 2 && th_now() < until;)
+        usleep(1000);
+    CHECK_EQ(atomic_load(&th_ops_freed), freed + 2);
+    /* Another thread's release races the collect (tsan sees each order):
+     * freed once, never early. */
+    for (int i = 0; i < 200; i++) {
+        op = timer_new(0);
+        CHECK_OK(ab_submit(op, &ts.sink));
+        finished_uncollected(&ts, op);
+        ab_op_retain(op);
+        pthread_t t;
+        CHECK_OK(pthread_create(&t, NULL, release_soon, (void *)((uintptr_t)op | (uintptr_t)(i & 1))));
+        ab_op_collect_held(op);
+        CHECK_EQ(ab_op_error(op), 0); /* still ours */
+        ab_op_release(op);
+        CHECK_OK(pthread_join(t, NULL));
+        CHECK_EQ(atomic_load(&th_ops_freed), freed + 3 + i);
+    }
+    ab_stats_get(&st);
+    CHECK_EQ(st.in_flight, 0);
     th_sink_destroy(&ts);
 }
 
@@ -570,6 +643,7 @@ main(void)
     TH_RUN(test_cancel_timer_mid_wait);
     TH_RUN(test_cancel_after_finish);
     TH_RUN(test_cancel_before_start);
+    TH_RUN(test_collect_held);
     TH_RUN(test_submit_twice);
     TH_RUN(test_await_cancel);
     TH_RUN(test_fd_readiness);
