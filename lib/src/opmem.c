@@ -108,17 +108,11 @@ static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 /* This thread's counter moves by delta bytes. */
 static inline void
-count_in(struct tls *t, long delta)
+count(struct tls *t, long delta)
 {
     atomic_store_explicit(&t->mine->bytes,
                           atomic_load_explicit(&t->mine->bytes, memory_order_relaxed) + delta,
                           memory_order_relaxed);
-}
-
-static inline void
-count(long delta)
-{
-    count_in(&T, delta);
 }
 
 static inline long
@@ -245,7 +239,7 @@ refill(int c)
     if (full != NULL) {
         depot_full[c] = full->next;
         depot_bytes -= mag_bytes_of(c, full);
-        count(mag_bytes_of(c, full) - mag_bytes_of(c, T.cur[c]));
+        count(&T, mag_bytes_of(c, full) - mag_bytes_of(c, T.cur[c]));
         depot_put(c, T.cur[c]);
         T.cur[c] = full;
     }
@@ -261,7 +255,7 @@ refill(int c)
     /* Carved so that the lowest address goes out first. */
     for (int i = AB__OPMEM_SLAB - 1; i >= 0; i--)
         T.cur[c]->slot[T.cur[c]->n++] = slab + (size_t)i * size;
-    count((long)size * AB__OPMEM_SLAB);
+    count(&T, (long)size * AB__OPMEM_SLAB);
     return 0;
 }
 
@@ -277,7 +271,7 @@ make_room(int c)
     struct mag *empty = depot_empty;
     if (empty != NULL)
         depot_empty = empty->next;
-    count(-mag_bytes_of(c, T.prev[c]));
+    count(&T, -mag_bytes_of(c, T.prev[c]));
     depot_put(c, T.prev[c]);
     T.prev[c] = NULL;
     pthread_mutex_unlock(&depot_mu);
@@ -312,7 +306,7 @@ ab__opmem_alloc(size_t size)
         m = t->cur[c];
     }
     void *p = m->slot[--m->n];
-    count_in(t, -(long)c * AB__OPMEM_LINE);
+    count(t, -(long)c * AB__OPMEM_LINE);
     memset(p, 0, size);
     return p;
 }
@@ -339,5 +333,5 @@ ab__opmem_free(void *p, size_t size)
         m = t->cur[c];
     }
     m->slot[m->n++] = p;
-    count_in(t, (long)c * AB__OPMEM_LINE);
+    count(t, (long)c * AB__OPMEM_LINE);
 }
