@@ -71,6 +71,45 @@ def test_loops_one_after_another_in_one_thread(new_loop):
             loop.close()
 
 
+def test_the_running_loop_is_found_again_after_every_change(new_loop):
+    """An op belongs to whatever loop runs when it starts, however often the
+    running loop changed before: ended, replaced while one runs, or cleared
+    (on 3.11 the last holder found is kept while the thread's dict keeps its
+    version)."""
+    first, other = new_loop(), new_loop()
+
+    def start(loop_expected):
+        it = ab.nop("x").__await__()
+        fut = it.send(None)
+        assert fut.get_loop() is loop_expected
+        return it
+
+    async def inside():
+        it = start(first)
+        it.close()
+        asyncio.events._set_running_loop(None)
+        try:
+            with pytest.raises(RuntimeError, match="no running event loop"):
+                ab.nop().__await__().send(None)
+            asyncio.events._set_running_loop(other)
+            start(other).close()
+        finally:
+            asyncio.events._set_running_loop(None)
+            asyncio.events._set_running_loop(first)
+        start(first).close()
+        return await ab.nop("back")
+
+    try:
+        assert first.run_until_complete(inside()) == "back"
+        with pytest.raises(RuntimeError, match="no running event loop"):
+            ab.nop().__await__().send(None)
+        assert other.run_until_complete(ab.nop("other")) == "other"
+        assert first.run_until_complete(ab.nop("first")) == "first"
+    finally:
+        first.close()
+        other.close()
+
+
 # ---- a loop closed with ops in flight ------------------------------------------
 
 CLOSED_LOOP = """
