@@ -246,11 +246,8 @@ set_dead(BridgeObject *b)
 static int
 fill_backlog(BridgeObject *b)
 {
-    if (b->native != NULL && b->backlog == NULL) {
+    if (b->native != NULL && b->backlog == NULL)
         b->backlog = ab_sink_take(&b->native->sink);
-        if (b->backlog != NULL)
-            __builtin_prefetch(b->backlog, 1);
-    }
     return b->backlog != NULL;
 }
 
